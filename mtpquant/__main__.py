@@ -1,0 +1,3 @@
+from mtpquant.cli import main
+
+main()

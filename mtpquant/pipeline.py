@@ -1,0 +1,292 @@
+"""plan and build: validate everything first, then run the steps, skipping those already done with the same inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from mtpquant import imatrix as imx
+from mtpquant.errors import MtpquantError, UsageError
+from mtpquant.files import incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
+from mtpquant.inspect import ImatrixInfo, read_imatrix
+from mtpquant.plan import VariantPlan, plan_variant
+from mtpquant.progress import ProgressFn, no_progress
+from mtpquant.quantize import run_quantize
+from mtpquant.receipts import RunDir
+from mtpquant.recipe import Recipe
+from mtpquant.source import SourceModel, free_bytes, prepare
+from mtpquant.toolchain import Toolchain, require
+from mtpquant.verify import verify_output
+
+DISK_MARGIN = 64 << 20
+
+
+@dataclass(frozen=True)
+class ImatrixPlan:
+    kind: str  # none | file | compute
+    path: Path | None  # where it is, or will be written
+    covered: frozenset[str] | None  # weights with statistics (known for a file, predicted for compute)
+    info: ImatrixInfo | None = None
+    dry_run_file: Path | None = None  # what the plan's dry runs were given: the file, or a placeholder
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    run: RunDir
+    toolchain: Toolchain
+    source: SourceModel
+    imatrix: ImatrixPlan
+    variants: tuple[VariantPlan, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "recipe": str(self.recipe.path),
+            "name": self.recipe.name,
+            "out": str(self.run.root),
+            "source": {"file": self.source.path.name, "sha256": self.source.sha256, "architecture":
+                       self.source.info.arch, "main_layers": self.source.info.n_layer,
+                       "nextn_blocks": list(self.source.info.nextn.blocks), "bytes": self.source.info.total_bytes},
+            "imatrix": {"kind": self.imatrix.kind, "path": str(self.imatrix.path) if self.imatrix.path else None},
+            "variants": [v.to_json() for v in self.variants],
+        }
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    tag: str
+    path: Path
+    sha256: str
+    skipped: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    plan: Plan
+    variants: tuple[VariantResult, ...]
+    imatrix: imx.ImatrixResult | None
+    extra: dict = field(default_factory=dict)
+
+
+def file_name(recipe: Recipe, tag: str) -> str:
+    """GGUF naming convention: <name>-<TYPE>.gguf."""
+    return gguf.naming_convention(recipe.name, None, None, None, None, tag) + ".gguf"
+
+
+def toolchain_key(tc: Toolchain) -> dict:
+    """What about the toolchain decides the bytes of an output."""
+    ident = tc.describe()
+    qsha = ident.get("binaries", {}).get("llama-quantize", {}).get("sha256") or sha256_file(tc.tool("llama-quantize"))
+    return {"llama_cpp_commit": ident.get("llama_cpp_commit", "unknown"), "llama_quantize_sha256": qsha,
+            "cmake_flags": ident.get("cmake_flags")}
+
+
+@contextlib.contextmanager
+def locked(run: RunDir):
+    """One build per run directory at a time."""
+    run.ensure()
+    with open(run.root / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{run.root} is in use by another mtpquant process",
+                             "wait for it to finish or choose another --out") from None
+        yield
+
+
+def _imatrix_plan(recipe: Recipe, run: RunDir, source: SourceModel) -> ImatrixPlan:
+    spec = recipe.imatrix
+    if spec.kind == "none":
+        return ImatrixPlan("none", None, None)
+    if spec.kind == "file":
+        info = read_imatrix(spec.path)
+        return ImatrixPlan("file", spec.path, frozenset(info.entries), info, spec.path)
+    dest = run.root / f"{recipe.name}.imatrix.gguf"
+    covered = imx.predicted_coverage(source.info, spec.nextn)
+    placeholder = imx.write_placeholder(source.info, covered, run.work / "placeholder.imatrix.gguf")
+    return ImatrixPlan("compute", dest, frozenset(covered), None, placeholder)
+
+
+def _check_outputs(recipe: Recipe, run: RunDir, variants: tuple[VariantPlan, ...], force: bool) -> None:
+    problems = []
+    for v in variants:
+        target = run.root / v.file_name
+        if not target.exists() or force:
+            continue
+        receipt = run.read_receipt("quantize", v.variant.tag)
+        if not receipt or receipt.get("file") != v.file_name:
+            problems.append(f"{target} exists and no receipt of this run vouches for it")
+    if problems:
+        raise UsageError("; ".join(problems), "move it away, choose another --out, or rerun with --force")
+    manifest = run.read_manifest()
+    if manifest.get("name") not in (None, recipe.name) and not force:
+        raise UsageError(f"{run.root} holds a run of recipe '{manifest['name']}', not '{recipe.name}'",
+                         "choose another --out, or rerun with --force")
+
+
+def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = no_progress,
+              force: bool = False) -> Plan:
+    """Everything that can be checked before a long step: tools, source, per-variant types, imatrix, disk."""
+    require(tc, ["llama-quantize", "quantize_tensor_type_file"]
+            + (["llama-imatrix"] if recipe.imatrix.kind == "compute" else [])
+            + (["imatrix_nextn"] if recipe.imatrix.kind == "compute" and recipe.imatrix.nextn else [])
+            + (["llama-server", "draft_mtp"] if recipe.smoke.enabled else [])
+            + (["llama-perplexity"] if recipe.eval.enabled else []))
+    run = RunDir(Path(out).resolve())
+    run.ensure()
+    source = prepare(recipe, run, progress)
+    im = _imatrix_plan(recipe, run, source)
+    variants = []
+    for i, v in enumerate(recipe.variants):
+        progress("plan", i, len(recipe.variants))
+        variants.append(plan_variant(tc, source.path, source.info, v, recipe.policy, file_name(recipe, v.tag),
+                                     run.work, None if im.covered is None else set(im.covered),
+                                     recipe.imatrix.uncovered, recipe.imatrix.pin_type, im.dry_run_file))
+    progress("plan", len(recipe.variants), len(recipe.variants))
+    variants_t = tuple(variants)
+    _check_outputs(recipe, run, variants_t, force)
+    pending = sum(v.total_bytes for v in variants_t
+                  if force or not (run.root / v.file_name).exists())
+    free = free_bytes(run.root)
+    if pending + DISK_MARGIN > free:
+        raise MtpquantError(f"not enough free disk in {run.root}: the planned outputs need "
+                            f"{_gib(pending + DISK_MARGIN)}, {_gib(free)} is free",
+                            "free some space or choose another --out")
+    return Plan(recipe, run, tc, source, im, variants_t)
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> imx.ImatrixResult | None:
+    """Compute (once per source, corpus, arguments and toolchain) or load the imatrix, then check coverage."""
+    spec, run = plan.recipe.imatrix, plan.run
+    if spec.kind == "none":
+        return None
+    if spec.kind == "file":
+        result = imx.load_pinned(spec.path, spec.sha256)
+        key = None
+    else:
+        key = sha256_json({"source": plan.source.sha256, "corpus": sha256_file(spec.corpus), "chunks": spec.chunks,
+                           "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": toolchain_key(plan.toolchain)})
+        previous = run.read_receipt("imatrix") or {}
+        dest = plan.imatrix.path
+        if not force and previous.get("input_key") == key and dest.is_file() \
+                and sha256_file(dest) == previous.get("sha256"):
+            result = imx.ImatrixResult(dest, previous["sha256"], read_imatrix(dest), reused=True)
+        else:
+            started = time.monotonic()
+            result = imx.compute(plan.toolchain, plan.source.path, spec.corpus, dest, spec.chunks, spec.ctx,
+                                 spec.nextn, run.logs / "imatrix.log", progress)
+            run.write_receipt("imatrix", {
+                "input_key": key, "file": dest.name, "sha256": result.sha256,
+                "corpus": str(spec.corpus), "corpus_sha256": sha256_file(spec.corpus), "chunks": spec.chunks,
+                "ctx": spec.ctx, "nextn": spec.nextn, "seconds": round(time.monotonic() - started, 3),
+                "datasets": list(result.info.datasets), "chunk_count": result.info.chunk_count,
+                "entries": len(result.info.entries), "n_layer_nextn": result.info.n_layer_nextn,
+                "nextn_entries": [e for e in result.info.entries
+                                  if e.startswith(tuple(f"blk.{b}." for b in plan.source.info.nextn.blocks))],
+                "command": ["llama-imatrix", *map(str, imx.compute_args(plan.source.path, spec.corpus, dest,
+                                                                          spec.chunks, spec.ctx, spec.nextn))],
+                "toolchain": plan.toolchain.describe(),
+            })
+    imx.check_coverage({v.variant.tag: [n for n in v.needing_imatrix() if n not in v.pins] for v in plan.variants},
+                       result.info)
+    return result
+
+
+def _quantize_key(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None) -> str:
+    return sha256_json({"source": plan.source.sha256, "type": vplan.variant.type, "overrides": list(vplan.overrides),
+                        "imatrix": im.sha256 if im else None, "toolchain": toolchain_key(plan.toolchain)})
+
+
+def build_variant(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, force: bool,
+                  progress: ProgressFn) -> VariantResult:
+    """Quantize, verify, hash, then rename into place and write the receipt; skip if the receipt matches."""
+    run, tag = plan.run, vplan.variant.tag
+    target = run.root / vplan.file_name
+    key = _quantize_key(plan, vplan, im)
+    previous = run.read_receipt("quantize", tag) or {}
+    if not force and previous.get("input_key") == key and target.is_file():
+        if sha256_file(target) == previous.get("sha256"):
+            return VariantResult(tag, target, previous["sha256"], True, 0.0)
+    # llama-quantize runs in the run directory with relative paths: the imatrix path it writes into the GGUF's
+    # metadata then does not depend on where the run directory lives, so bytes re-derive anywhere.
+    tensor_types = Path("work") / f"{tag}.tensor-types.txt" if vplan.overrides else None
+    imatrix_rel = Path(os.path.relpath(im.path, run.root)) if im else None
+    tmp = incomplete_path(target)
+    try:
+        q = run_quantize(plan.toolchain, plan.source.path.resolve(), Path(tmp.name), vplan, tensor_types, imatrix_rel,
+                         run.logs / f"quantize-{tag}.log", cwd=run.root, progress=progress)
+        verified = verify_output(tmp, vplan.types(), vplan.variant.type, plan.source.info, vplan.total_bytes)
+        progress(f"hash {tag}", 0, 1)
+        sha = sha256_file(tmp)
+        progress(f"hash {tag}", 1, 1)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info = verified.info
+    nextn_types = {t.name: t.type for t in info.tensors if t.block in info.nextn.blocks}
+    run.write_receipt("quantize", {
+        "input_key": key, "file": vplan.file_name, "sha256": sha, "bytes": target.stat().st_size,
+        "tensor_bytes": info.total_bytes, "bits_per_weight": round(info.bits_per_weight, 4),
+        "type": vplan.variant.type, "file_type": info.file_type, "file_type_name": info.file_type_name,
+        "source_sha256": plan.source.sha256, "imatrix_sha256": im.sha256 if im else None,
+        "overrides": list(vplan.overrides), "pins": list(vplan.pins), "uncovered": list(vplan.uncovered),
+        "draft_head": imx.draft_head_path(plan.source.info, im.info if im else None, vplan.pins),
+        "nextn_blocks": list(info.nextn.blocks), "nextn_types": nextn_types,
+        "type_counts": _counts(info), "checks": verified.checks,
+        "command": [Path(q.argv[0]).name, *q.argv[1:]], "cwd": str(run.root), "seconds": q.seconds,
+        "toolchain": plan.toolchain.describe(),
+    }, tag=tag)
+    return VariantResult(tag, target, sha, False, q.seconds)
+
+
+def _counts(info) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in info.tensors:
+        out[t.type] = out.get(t.type, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
+          progress: ProgressFn = no_progress) -> BuildResult:
+    """The whole job: plan (every check first), imatrix, each variant, SHA256SUMS and manifest."""
+    run = RunDir(Path(out).resolve())
+    with locked(run):
+        remove_stale_incomplete(run.root)
+        started = time.monotonic()
+        plan = make_plan(recipe, out, tc, progress, force)
+        im = ensure_imatrix(plan, force, progress)
+        results = [build_variant(plan, v, im, force, progress) for v in plan.variants]
+        extra = run_post_steps(plan, results, force, progress)
+        sums = {r.path.name: r.sha256 for r in results}
+        if im is not None and im.path.parent == run.root:
+            sums[im.path.name] = im.sha256
+        run.write_sha256sums(sums)
+        run.write_manifest({
+            "name": recipe.name, "recipe": str(recipe.path), "recipe_sha256": sha256_file(recipe.path),
+            "source": {"file": plan.source.path.name, "sha256": plan.source.sha256},
+            "toolchain": tc.describe(),
+            "steps": {
+                "imatrix": {"file": im.path.name, "sha256": im.sha256, "reused": im.reused} if im else None,
+                **{f"quantize:{r.tag}": {"file": r.path.name, "sha256": r.sha256, "skipped": r.skipped,
+                                         "seconds": r.seconds} for r in results},
+                **{k: v for k, v in extra.items()},
+            },
+            "seconds": round(time.monotonic() - started, 3),
+        })
+        return BuildResult(plan, tuple(results), im, extra)
+
+
+def run_post_steps(plan: Plan, results: list[VariantResult], force: bool, progress: ProgressFn) -> dict:
+    """Steps that read the verified artifacts: smoke, eval, fit, card (each only when its module is present)."""
+    return {}

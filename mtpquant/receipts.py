@@ -1,0 +1,91 @@
+"""The run directory: manifest, one receipt per step and variant, logs, SHA256SUMS."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtpquant import __version__
+from mtpquant.errors import UsageError
+from mtpquant.files import write_json_atomic, write_text_atomic
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def receipts(self) -> Path:
+        return self.root / "receipts"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def work(self) -> Path:
+        """Plans, tensor-type files and other small intermediates, kept for the record."""
+        return self.root / "work"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def ensure(self) -> None:
+        for p in (self.root, self.receipts, self.logs, self.work):
+            p.mkdir(parents=True, exist_ok=True)
+
+    def receipt_path(self, step: str, tag: str | None = None) -> Path:
+        return self.receipts / (f"{step}-{tag}.json" if tag else f"{step}.json")
+
+    def read_receipt(self, step: str, tag: str | None = None) -> dict | None:
+        p = self.receipt_path(step, tag)
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{p}: unreadable receipt ({exc})", "delete it, or rerun with --force") from None
+
+    def write_receipt(self, step: str, data: dict, tag: str | None = None) -> Path:
+        p = self.receipt_path(step, tag)
+        body = {"schema": SCHEMA, "step": step, "variant": tag, "mtpquant": __version__,
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
+        write_json_atomic(p, body)
+        return p
+
+    def all_receipts(self) -> dict[str, dict]:
+        out = {}
+        if self.receipts.is_dir():
+            for p in sorted(self.receipts.glob("*.json")):
+                out[p.name] = json.loads(p.read_text())
+        return out
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_manifest(self, data: dict) -> None:
+        write_json_atomic(self.manifest_path, {"schema": SCHEMA, "mtpquant": __version__, **data})
+
+    def write_sha256sums(self, entries: dict[str, str]) -> Path:
+        """`<sha256>  <file>` lines (sha256sum's format), sorted by file name."""
+        p = self.root / "SHA256SUMS"
+        write_text_atomic(p, "".join(f"{sha}  {name}\n" for name, sha in sorted(entries.items())))
+        return p
+
+    def read_sha256sums(self) -> dict[str, str]:
+        p = self.root / "SHA256SUMS"
+        out = {}
+        if p.is_file():
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    sha, _, name = line.partition("  ")
+                    out[name.strip()] = sha.strip()
+        return out

@@ -1,0 +1,153 @@
+"""The source model: a local GGUF, the synthetic generator, or (see hub.py) a pinned Hugging Face revision."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtpquant.errors import MtpquantError, RecipeError, UsageError
+from mtpquant.files import sha256_file, sha256_json
+from mtpquant.inspect import ModelInfo, read_model
+from mtpquant.progress import ProgressFn, no_progress
+from mtpquant.receipts import RunDir
+from mtpquant.recipe import Recipe
+
+QUANTIZABLE_SOURCE_TYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    path: Path  # the file llama.cpp tools are given (first shard of a split model)
+    info: ModelInfo
+    files: dict  # file name -> sha256, every shard
+    provenance: dict  # what the receipt and card say about where it came from
+
+    @property
+    def sha256(self) -> str:
+        """One digest for the whole source (its shards' digests in order)."""
+        if len(self.files) == 1:
+            return next(iter(self.files.values()))
+        return sha256_json(sorted(self.files.items()))
+
+
+def synth_spec(recipe: Recipe):
+    """The generator spec a `source.synthetic` mapping describes; unknown keys are recipe errors."""
+    from mtpquant import synth
+
+    opts = dict(recipe.source.synthetic)
+    names = [f.name for f in dataclasses.fields(synth.SynthSpec)]
+    problems = []
+    for key in opts:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            problems.append(f"{recipe.path}: source.synthetic.{key}: unknown field"
+                            + (f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names)})"))
+    if problems:
+        raise RecipeError(problems)
+    if "name" not in opts:
+        opts["name"] = recipe.name
+    try:
+        return synth.spec_from_dict(opts) if hasattr(synth, "spec_from_dict") else synth.SynthSpec(**opts)
+    except UsageError as exc:
+        raise RecipeError([f"{recipe.path}: source.synthetic: {exc.one_line()}"]) from None
+    except TypeError as exc:
+        raise RecipeError([f"{recipe.path}: source.synthetic: {exc}"]) from None
+
+
+def _hash_files(paths: tuple[Path, ...], cache: dict, progress: ProgressFn) -> dict[str, str]:
+    """sha256 per file, reusing the previous receipt's value when size and mtime are unchanged."""
+    out = {}
+    total = sum(p.stat().st_size for p in paths)
+    done = 0
+    for p in paths:
+        st = p.stat()
+        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key in cache:
+            out[p.name] = cache[key]
+            done += st.st_size
+            progress("hash source", done, total)
+            continue
+
+        def step(n: int, _base=done) -> None:
+            nonlocal done
+            done += n
+            progress("hash source", done, total)
+
+        out[p.name] = cache[key] = sha256_file(p, step)
+    return out
+
+
+def prepare(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> SourceModel:
+    """Resolve the recipe's source to a GGUF on disk, hash it, read its header, check it against the recipe."""
+    previous = run.read_receipt("source") or {}
+    cache = previous.get("hash_cache", {})
+    src = recipe.source
+    provenance: dict
+    if src.kind == "synthetic":
+        from mtpquant import synth
+
+        spec = synth_spec(recipe)
+        spec_key = sha256_json(dataclasses.asdict(spec))
+        target = run.root / "source" / f"{recipe.name}-BF16.gguf"
+        if previous.get("synthetic_key") != spec_key or not target.is_file():
+            progress("synth", 0, 1)
+            synth.write_gguf(target, spec)
+            progress("synth", 1, 1)
+        path = target
+        provenance = {"kind": "synthetic", "generator": "mtpquant.synth", "spec": dataclasses.asdict(spec),
+                      "synthetic_key": spec_key}
+    elif src.kind == "path":
+        path = src.path
+        provenance = {"kind": "path", "path": str(path)}
+    else:
+        from mtpquant import hub
+
+        path, provenance = hub.fetch_source(recipe, run, progress)
+    info = read_model(path)
+    files = _hash_files(info.paths, cache, progress)
+    model = SourceModel(path, info, files, provenance)
+    check(recipe, model)
+    run.write_receipt("source", {
+        **provenance, "file": path.name, "files": files, "sha256": model.sha256,
+        "architecture": info.arch, "block_count": info.block_count, "main_layers": info.n_layer,
+        "nextn_predict_layers": info.nextn.layers, "nextn_complete": info.nextn.complete,
+        "file_type": info.file_type_name, "bytes": info.total_bytes, "n_elements": info.n_elements,
+        "n_tensors": len(info.tensors), "synthetic_key": provenance.get("synthetic_key"),
+        "hash_cache": {k: v for k, v in cache.items() if any(k.startswith(str(p.resolve()) + ":") for p in info.paths)},
+    })
+    return model
+
+
+def check(recipe: Recipe, model: SourceModel) -> None:
+    """The source matches what the recipe expects: sha256 pin, MTP block, architecture, layer counts, type."""
+    info, where = model.info, model.path.name
+    problems = []
+    if recipe.source.sha256 and recipe.source.sha256 != model.sha256:
+        problems.append(f"sha256 is {model.sha256}, the recipe pins {recipe.source.sha256}")
+    if recipe.mtp_require and info.nextn.layers == 0:
+        problems.append(f"has no NextN/MTP block ({info.arch}.nextn_predict_layers is absent or 0)")
+    elif recipe.mtp_require and not info.nextn.complete:
+        problems.append(f"NextN block incomplete, missing {', '.join(info.nextn.missing[:6])}")
+    e = recipe.expect
+    if e.arch and e.arch != info.arch:
+        problems.append(f"architecture is {info.arch}, the recipe expects {e.arch}")
+    if e.main_layers is not None and e.main_layers != info.n_layer:
+        problems.append(f"has {info.n_layer} main layers, the recipe expects {e.main_layers}")
+    if e.nextn_layers is not None and e.nextn_layers != info.nextn.layers:
+        problems.append(f"has {info.nextn.layers} NextN layer(s), the recipe expects {e.nextn_layers}")
+    quantized = sorted({t.type for t in info.tensors if len(t.shape) >= 2} - set(QUANTIZABLE_SOURCE_TYPES))
+    if quantized:
+        problems.append(f"is already quantized ({', '.join(quantized)}); llama-quantize refuses to requantize")
+    if problems:
+        hint = "mtp.require: false builds without a draft head" if "NextN" in problems[0] else \
+            "check the recipe's source and expect fields"
+        raise MtpquantError(f"source {where}: " + "; ".join(problems), hint)
+
+
+def free_bytes(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize

@@ -150,14 +150,15 @@ def toolchain_doctor(llama_cpp, as_json) -> None:
 def synth_cmd(out, arch, hidden, layers, experts, seed, hf_layout, split_max_tensors, acceptance, as_json) -> None:
     """Generate a small model with a real NextN/MTP block (BF16 GGUF, or the HF layout)."""
     from mtpquant import synth
+    from mtpquant.source import spec_from_dict
 
-    opts = {"arch": arch, "seed": seed}
-    for key, value in (("hidden", hidden), ("layers", layers), ("experts", experts)):
+    opts = {"arch": arch, "seed": seed, "name": out.stem}
+    for key, value in (("hidden_size", hidden), ("n_layer", layers), ("n_expert", experts)):
         if value is not None:
             opts[key] = value
     if acceptance is not None:
         opts["designed"] = {"alpha": acceptance}
-    spec = synth.spec_from_dict(opts)
+    spec = spec_from_dict(opts)
     if hf_layout:
         path = synth.write_hf(out, spec)
         _emit({"hf_dir": str(path)}, as_json, f"wrote {path}")

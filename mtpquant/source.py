@@ -50,11 +50,23 @@ def synth_spec(recipe: Recipe):
     if "name" not in opts:
         opts["name"] = recipe.name
     try:
-        return synth.spec_from_dict(opts) if hasattr(synth, "spec_from_dict") else synth.SynthSpec(**opts)
+        return spec_from_dict(opts)
     except UsageError as exc:
-        raise RecipeError([f"{recipe.path}: source.synthetic: {exc.one_line()}"]) from None
+        raise RecipeError([f"{recipe.path}: source.synthetic: {line}" for line in exc.message.splitlines()]) from None
+
+
+def spec_from_dict(opts: dict):
+    """A SynthSpec from plain values (recipe or command line); `designed` may be a mapping."""
+    from mtpquant import synth
+
+    opts = dict(opts)
+    designed = opts.get("designed")
+    try:
+        if isinstance(designed, dict):
+            opts["designed"] = synth.Designed(**designed)
+        return synth.SynthSpec(**opts)
     except TypeError as exc:
-        raise RecipeError([f"{recipe.path}: source.synthetic: {exc}"]) from None
+        raise UsageError(str(exc).replace("__init__() ", "")) from None
 
 
 def _hash_files(paths: tuple[Path, ...], cache: dict, progress: ProgressFn) -> dict[str, str]:

@@ -234,21 +234,29 @@ def _default_out(recipe) -> Path:
 @main.command("plan")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default out/<name>).")
+@click.option("--stand-in", "use_stand_in", is_flag=True,
+              help="Plan against a header-only twin of the real model (expect.shape): nothing is downloaded.")
+@click.option("--tensors/--no-tensors", default=True, help="List every tensor (always in --json).")
 @llama_cpp_option
 @json_option
 @quiet_option
-def plan_cmd(recipe_path, out, llama_cpp, as_json, quiet) -> None:
-    """Validate a recipe and show, per variant, every tensor's planned type, size and imatrix needs."""
-    from mtpquant import pipeline, recipe as rcp
+def plan_cmd(recipe_path, out, use_stand_in, tensors, llama_cpp, as_json, quiet) -> None:
+    """Validate a recipe and show, per variant, every tensor's planned type, size, imatrix needs and GPU fit."""
+    from mtpquant import fit, pipeline, recipe as rcp
 
     r = rcp.load(recipe_path)
     tc = _toolchain(llama_cpp)
     bars = Bars(not quiet)
+    default_out = Path("out") / (f"{r.name}-stand-in" if use_stand_in else r.name)
     try:
-        plan = pipeline.make_plan(r, out or _default_out(r), tc, bars)
+        plan = pipeline.make_plan(r, out or default_out, tc, bars, use_stand_in=use_stand_in)
     finally:
         bars.close()
     data = plan.to_json()
+    fits = {v.variant.tag: fit.fit_from_plan(plan.source.info, v.tensors, r.fit.vram_gb, r.fit.ctx, r.fit.kv)
+            for v in plan.variants}
+    for v in data["variants"]:
+        v["fit"] = fits[v["variant"]]
     lines = [f"recipe {r.name}: source {plan.source.path.name} ({plan.source.info.arch}, "
              f"{plan.source.info.n_layer} main layers, NextN blocks {list(plan.source.info.nextn.blocks)})",
              f"imatrix: {plan.imatrix.kind}"]
@@ -256,10 +264,11 @@ def plan_cmd(recipe_path, out, llama_cpp, as_json, quiet) -> None:
         lines.append(f"\n{v.file_name}: {v.variant.type}, {_fmt_bytes(v.total_bytes)}, "
                      f"{v.bits_per_weight:.2f} bits/weight, {len(v.overrides)} override(s), "
                      f"{len(v.needing_imatrix())} tensor(s) need an imatrix")
-        for t in v.tensors:
+        for t in v.tensors if tensors else ():
             mark = f"  <- {t.rule}" if t.rule else ""
             need = " [imatrix]" if t.needs_imatrix else ""
             lines.append(f"  {t.name:<44} {t.source_type:>5} -> {t.type:<8} {t.bytes:>12}{need}{mark}")
+        lines.append(fit.format_table(fits[v.variant.tag]))
     _emit(data, as_json, "\n".join(lines))
 
 
@@ -290,3 +299,14 @@ def build_cmd(recipe_path, out, force, llama_cpp, as_json, quiet) -> None:
     lines = [f"{'kept ' if v.skipped else 'built'} {v.path}  sha256 {v.sha256}" for v in result.variants]
     lines.append(f"run directory: {result.plan.run.root}")
     _emit(data, as_json, "\n".join(lines))
+
+
+def _register() -> None:
+    from mtpquant import cli_fit, cli_smoke
+
+    main.add_command(cli_smoke.smoke)
+    main.add_command(cli_fit.fit)
+    main.add_command(cli_fit.eval_, "eval")
+
+
+_register()

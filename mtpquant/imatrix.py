@@ -111,10 +111,11 @@ def draft_head_path(model: ModelInfo, info: ImatrixInfo | None, pins: tuple[str,
 
 
 def write_placeholder(model: ModelInfo, covered: set[str], dest: Path) -> Path:
-    """A stand-in imatrix (uniform statistics for `covered`) for --dry-run only.
+    """A stand-in imatrix for --dry-run only: one uniform entry, for the smallest covered weight.
 
-    llama-quantize picks some mixture types by whether any imatrix is given at all, so the plan of a variant whose
-    imatrix is not computed yet must be dry-run with one to show the types the real run will write.
+    llama-quantize picks some mixture types by whether any imatrix is given at all (not by its entries), so the
+    plan of a variant whose imatrix is not computed yet must be dry-run with one to show the types the real run
+    will write. One entry keeps it tiny for a 35B model; coverage itself is checked by mtpquant, not by dry runs.
     """
     import gguf
     import numpy as np
@@ -125,9 +126,7 @@ def write_placeholder(model: ModelInfo, covered: set[str], dest: Path) -> Path:
         w.add_array("imatrix.datasets", ["mtpquant-placeholder"])
         w.add_uint32("imatrix.chunk_count", 1)
         w.add_uint32("imatrix.chunk_size", 1)
-        for t in model.tensors:
-            if t.name not in covered:
-                continue
+        for t in sorted((t for t in model.tensors if t.name in covered), key=lambda t: t.n_elements)[:1]:
             n_mat = t.shape[2] if len(t.shape) > 2 else 1
             w.add_tensor(f"{t.name}.in_sum2", np.ones((n_mat, t.shape[0]), dtype=np.float32))
             w.add_tensor(f"{t.name}.counts", np.ones((n_mat, 1), dtype=np.float32))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,33 +114,161 @@ def shard_paths(first: Path) -> list[Path]:
     return paths
 
 
-def open_reader(path: Path) -> gguf.GGUFReader:
-    """A GGUFReader, with truncated/corrupt/non-GGUF files turned into one clear GGUFReadError."""
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+    data_offset: int  # absolute, in the file
+
+
+@dataclass(frozen=True)
+class LongArray:
+    """A metadata array too long to be worth decoding (vocabularies, merges): only its type and length."""
+
+    type: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A GGUF header read directly: every key (long arrays as LongArray) and every tensor's place."""
+
+    path: Path
+    version: int
+    fields: dict
+    tensors: tuple[RawTensor, ...]
+    data_offset: int
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+MAX_DECODED_STRINGS = 64
+MAX_DECODED_NUMBERS = 4096
+
+
+class _Cursor:
+    def __init__(self, buf, size: int):
+        self.buf, self.pos, self.size = buf, 0, size
+
+    def take(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise EOFError(f"header ends early at byte {self.size}")
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > self.size:
+            raise EOFError(f"header ends early at byte {self.size}")
+        v = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return v
+
+    def skip_strings(self, count: int) -> None:
+        for _ in range(count):
+            n = struct.unpack_from("<Q", self.buf, self.pos)[0] if self.pos + 8 <= self.size else None
+            if n is None or self.pos + 8 + n > self.size:
+                raise EOFError(f"header ends early at byte {self.size}")
+            self.pos += 8 + n
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.take("<I"), self.take("<Q")
+            if etype == _STRING:
+                if count > MAX_DECODED_STRINGS:
+                    self.skip_strings(count)
+                    return LongArray(etype, count)
+                return [self.string() for _ in range(count)]
+            if etype not in _SCALARS:
+                raise ValueError(f"unsupported array element type {etype}")
+            width = struct.calcsize(_SCALARS[etype])
+            if self.pos + width * count > self.size:
+                raise EOFError(f"header ends early at byte {self.size}")
+            if count > MAX_DECODED_NUMBERS:
+                self.pos += width * count
+                return LongArray(etype, count)
+            return [self.take(_SCALARS[etype]) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def read_header(path: Path) -> Header:
+    """Parse a GGUF header with plain struct reads over mmap (gguf-py's reader decodes every vocabulary string into
+    numpy views, about 20 s for a 248k-token vocabulary); damaged files give one GGUFReadError."""
     path = Path(path)
     if not path.is_file():
         raise GGUFReadError(f"{path}: no such file", "check the path")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        shown = magic.decode("latin-1") if magic else "empty file"
-        raise GGUFReadError(f"{path}: not a GGUF file (starts with {shown!r}, expected 'GGUF')",
-                            "give a .gguf model file")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # gguf-py raises raw numpy/struct/ValueErrors on damaged files
-        raise GGUFReadError(f"{path}: truncated or corrupt GGUF ({type(exc).__name__}: {exc})",
-                            "download or regenerate the file") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + int(t.n_bytes) > size:
-            raise GGUFReadError(f"{path}: truncated GGUF (tensor {t.name} ends at byte "
-                                f"{t.data_offset + int(t.n_bytes)}, file has {size})",
-                                "download or regenerate the file")
-    return reader
+        if magic != b"GGUF":
+            shown = magic.decode("latin-1") if magic else "empty file"
+            raise GGUFReadError(f"{path}: not a GGUF file (starts with {shown!r}, expected 'GGUF')",
+                                "give a .gguf model file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _parse(path, buf, size)
+            except (EOFError, ValueError, KeyError, struct.error) as exc:
+                raise GGUFReadError(f"{path}: truncated or corrupt GGUF ({exc})",
+                                    "download or regenerate the file") from None
 
 
-def field_value(reader: gguf.GGUFReader, key: str):
-    """A metadata value as a Python value (str, int, float, bool, list) or None if absent."""
+def _parse(path: Path, buf, size: int) -> Header:
+    c = _Cursor(buf, size)
+    c.pos = 4
+    version = c.take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+    if n_tensors > 10_000_000 or n_kv > 10_000_000:
+        raise ValueError("implausible tensor or key count")
+    fields = {}
+    for _ in range(n_kv):
+        key = c.string()
+        fields[key] = c.value(c.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string()
+        n_dims = c.take("<I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+        shape = tuple(c.take("<Q") for _ in range(n_dims))
+        infos.append((name, shape, c.take("<I"), c.take("<Q")))
+    align = int(fields.get("general.alignment", 32) or 32)
+    data_offset = (c.pos + align - 1) // align * align
+    tensors = []
+    for name, shape, ttype, offset in infos:
+        qt = gguf.GGMLQuantizationType(ttype)
+        block, type_size = gguf.GGML_QUANT_SIZES[qt]
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n // block * type_size
+        start = data_offset + offset
+        if start + nbytes > size:
+            raise EOFError(f"tensor {name} ends at byte {start + nbytes}, file has {size}")
+        tensors.append(RawTensor(name, ttype, shape, n, nbytes, start))
+    return Header(path, version, fields, tuple(tensors), data_offset)
+
+
+def open_reader(path: Path) -> Header:
+    """The header of a GGUF file (see read_header)."""
+    return read_header(path)
+
+
+def field_value(reader, key: str):
+    """A metadata value as a Python value (str, int, float, bool, list) or None if absent or too long to decode."""
+    if isinstance(reader, Header):
+        value = reader.fields.get(key)
+        return None if isinstance(value, LongArray) else value
     f = reader.fields.get(key)
     if f is None:
         return None
@@ -151,28 +281,21 @@ def field_value(reader: gguf.GGUFReader, key: str):
     return value
 
 
-def _small_kv(reader: gguf.GGUFReader) -> dict:
+def _small_kv(reader: Header) -> dict:
     kv = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model",
-                                                                                       "tokenizer.ggml.pre"):
+    for key, value in reader.fields.items():
+        if isinstance(value, LongArray) or key.startswith("tokenizer.ggml.") and key not in (
+                "tokenizer.ggml.model", "tokenizer.ggml.pre"):
             continue
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and len(f.data) > 64:
-            continue
-        value = field_value(reader, key)
         if isinstance(value, str) and len(value) > 4096:
             continue
         kv[key] = value
     return kv
 
 
-def _tensor_infos(reader: gguf.GGUFReader) -> list[TensorInfo]:
-    out = []
-    for t in reader.tensors:
-        out.append(TensorInfo(name=t.name, type=gguf.GGMLQuantizationType(t.tensor_type).name,
-                              shape=tuple(int(x) for x in t.shape), n_elements=int(t.n_elements),
-                              n_bytes=int(t.n_bytes)))
-    return out
+def _tensor_infos(reader: Header) -> list[TensorInfo]:
+    return [TensorInfo(name=t.name, type=gguf.GGMLQuantizationType(t.tensor_type).name, shape=t.shape,
+                       n_elements=t.n_elements, n_bytes=t.n_bytes) for t in reader.tensors]
 
 
 def read_model(path: Path) -> ModelInfo:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import gguf
 
-from mtpquant import imatrix as imx
-from mtpquant.errors import MtpquantError, UsageError
+from mtpquant import card, imatrix as imx
+from mtpquant.errors import GateError, MtpquantError, UsageError
 from mtpquant.files import incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
 from mtpquant.inspect import ImatrixInfo, read_imatrix
 from mtpquant.plan import VariantPlan, plan_variant
@@ -20,7 +20,7 @@ from mtpquant.progress import ProgressFn, no_progress
 from mtpquant.quantize import run_quantize
 from mtpquant.receipts import RunDir
 from mtpquant.recipe import Recipe
-from mtpquant.source import SourceModel, free_bytes, prepare
+from mtpquant.source import SourceModel, free_bytes, prepare, stand_in
 from mtpquant.toolchain import Toolchain, require
 from mtpquant.verify import verify_output
 
@@ -132,8 +132,12 @@ def _check_outputs(recipe: Recipe, run: RunDir, variants: tuple[VariantPlan, ...
 
 
 def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = no_progress,
-              force: bool = False) -> Plan:
-    """Everything that can be checked before a long step: tools, source, per-variant types, imatrix, disk."""
+              force: bool = False, use_stand_in: bool = False) -> Plan:
+    """Everything that can be checked before a long step: tools, source, per-variant types, imatrix, disk.
+
+    With `use_stand_in` the source is a header-only twin of the real model (`expect.shape`): a plan and fit from
+    sizes alone, nothing downloaded, nothing to build.
+    """
     require(tc, ["llama-quantize", "quantize_tensor_type_file"]
             + (["llama-imatrix"] if recipe.imatrix.kind == "compute" else [])
             + (["imatrix_nextn"] if recipe.imatrix.kind == "compute" and recipe.imatrix.nextn else [])
@@ -141,7 +145,7 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
             + (["llama-perplexity"] if recipe.eval.enabled else []))
     run = RunDir(Path(out).resolve())
     run.ensure()
-    source = prepare(recipe, run, progress)
+    source = stand_in(recipe) if use_stand_in else prepare(recipe, run, progress)
     im = _imatrix_plan(recipe, run, source)
     variants = []
     for i, v in enumerate(recipe.variants):
@@ -151,6 +155,8 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
                                      recipe.imatrix.uncovered, recipe.imatrix.pin_type, im.dry_run_file))
     progress("plan", len(recipe.variants), len(recipe.variants))
     variants_t = tuple(variants)
+    if use_stand_in:
+        return Plan(recipe, run, tc, source, im, variants_t)
     _check_outputs(recipe, run, variants_t, force)
     pending = sum(v.total_bytes for v in variants_t
                   if force or not (run.root / v.file_name).exists())
@@ -224,7 +230,7 @@ def build_variant(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, 
     imatrix_rel = Path(os.path.relpath(im.path, run.root)) if im else None
     tmp = incomplete_path(target)
     try:
-        q = run_quantize(plan.toolchain, plan.source.path.resolve(), Path(tmp.name), vplan, tensor_types, imatrix_rel,
+        q = run_quantize(plan.toolchain, plan.source.path.absolute(), Path(tmp.name), vplan, tensor_types, imatrix_rel,
                          run.logs / f"quantize-{tag}.log", cwd=run.root, progress=progress)
         verified = verify_output(tmp, vplan.types(), vplan.variant.type, plan.source.info, vplan.total_bytes)
         progress(f"hash {tag}", 0, 1)
@@ -267,12 +273,12 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
         plan = make_plan(recipe, out, tc, progress, force)
         im = ensure_imatrix(plan, force, progress)
         results = [build_variant(plan, v, im, force, progress) for v in plan.variants]
-        extra = run_post_steps(plan, results, force, progress)
         sums = {r.path.name: r.sha256 for r in results}
         if im is not None and im.path.parent == run.root:
             sums[im.path.name] = im.sha256
-        run.write_sha256sums(sums)
-        run.write_manifest({
+        run.write_sha256sums(sums)  # before the steps that read the verified artifacts back
+        extra, gate_error = run_post_steps(plan, results, force, progress)
+        manifest = {
             "name": recipe.name, "recipe": str(recipe.path), "recipe_sha256": sha256_file(recipe.path),
             "source": {"file": plan.source.path.name, "sha256": plan.source.sha256},
             "toolchain": tc.describe(),
@@ -280,13 +286,69 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
                 "imatrix": {"file": im.path.name, "sha256": im.sha256, "reused": im.reused} if im else None,
                 **{f"quantize:{r.tag}": {"file": r.path.name, "sha256": r.sha256, "skipped": r.skipped,
                                          "seconds": r.seconds} for r in results},
-                **{k: v for k, v in extra.items()},
+                **extra,
             },
-            "seconds": round(time.monotonic() - started, 3),
-        })
+        }
+        run.write_manifest(manifest)
+        # the card is rendered from the receipts and manifest just written, then recorded in the manifest
+        manifest["steps"]["card"] = {"file": card.write_card(run).name}
+        manifest["seconds"] = round(time.monotonic() - started, 3)
+        run.write_manifest(manifest)
+        if gate_error is not None:  # receipts, card and manifest record the figures; the build still fails
+            raise gate_error
         return BuildResult(plan, tuple(results), im, extra)
 
 
-def run_post_steps(plan: Plan, results: list[VariantResult], force: bool, progress: ProgressFn) -> dict:
-    """Steps that read the verified artifacts: smoke, eval, fit, card (each only when its module is present)."""
-    return {}
+def run_post_steps(plan: Plan, results: list[VariantResult], force: bool,
+                   progress: ProgressFn) -> tuple[dict, GateError | None]:
+    """Steps that read the verified artifacts back: fit, eval and smoke (as the recipe asks)."""
+    from mtpquant import fit
+
+    recipe, run = plan.recipe, plan.run
+    steps: dict = {}
+    tables = fit.fit_run(run.root, recipe.fit.vram_gb, recipe.fit.ctx, recipe.fit.kv)
+    steps.update({f"fit:{tag}": {"receipt": f"receipts/fit-{tag}.json"} for tag in tables})
+    if recipe.eval.enabled:
+        from mtpquant import eval as ev
+
+        kwargs = {"text": recipe.eval.text} if recipe.eval.text else {}
+        done = ev.eval_run(plan.toolchain, run.root, plan.source.path.absolute(), ctx=recipe.eval.ctx,
+                           chunks=recipe.eval.chunks, force=force, progress=progress, **kwargs)
+        steps.update({f"eval:{tag}": {"receipt": f"receipts/eval-{tag}.json"} for tag in done})
+    gate_error = None
+    if recipe.smoke.enabled:
+        try:
+            steps.update(_smoke_step(plan, results, force, progress))
+        except GateError as exc:  # the card still records what was measured before the build fails
+            gate_error = exc
+    return steps, gate_error
+
+
+def _smoke_step(plan: Plan, results: list[VariantResult], force: bool, progress: ProgressFn) -> dict:
+    """Smoke variants whose artifact or settings changed; re-check the gates of the others from their receipts."""
+    from mtpquant import smoke
+
+    spec, run = plan.recipe.smoke, plan.run
+    settings = smoke.spec_json(spec)
+    pending, kept = [], {}
+    for r in results:
+        previous = run.read_receipt("smoke", r.tag) or {}
+        same = (previous.get("model", {}).get("sha256") == r.sha256
+                and previous.get("settings", {}).get("spec") == settings)
+        if same and not force:
+            kept[r.tag] = previous
+        else:
+            pending.append(smoke.Artifact(r.tag, r.path, r.sha256))
+    gate_failures = []
+    for tag, previous in kept.items():
+        try:
+            smoke.check_gates(previous, smoke.gates_for(spec, tag), tag)
+        except GateError as exc:
+            gate_failures.append(exc)
+    done = smoke.smoke_run(plan.toolchain, run, spec, progress, artifacts=pending,
+                           spec_source=f"recipe {plan.recipe.path}") if pending else {}
+    if gate_failures:
+        raise gate_failures[0]
+    return {f"smoke:{tag}": {"receipt": f"receipts/smoke-{tag}.json", "skipped": tag in kept,
+                             "best_k": (kept.get(tag) or done.get(tag) or {}).get("best_k")}
+            for tag in [r.tag for r in results]}

@@ -82,6 +82,7 @@ class Expect:
     arch: str | None = None
     main_layers: int | None = None
     nextn_layers: int | None = None
+    shape: str | None = None  # a synth preset with the real model's tensor inventory, for `plan --stand-in`
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,12 @@ class _Checker:
             self.bad(path, f"file not found: {p}", "paths are relative to the recipe's folder")
             return None
         return p
+
+
+def _presets() -> tuple[str, ...]:
+    from mtpquant.synth import PRESETS
+
+    return tuple(PRESETS)
 
 
 def _join(path: str, key: str) -> str:
@@ -551,9 +558,12 @@ def parse(data: Any, file: Path) -> Recipe:
         raise RecipeError(c.problems)
     name = c.string(d.get("name"), "name", NAME_RE, "name (letters, digits, . _ -; it becomes the file prefix)")
     source = _source(c, d["source"], base) if "source" in d else None
-    e = c.mapping(d.get("expect", {}), "expect", {"arch": False, "main_layers": False, "nextn_layers": False})
+    e = c.mapping(d.get("expect", {}), "expect", {"arch": False, "main_layers": False, "nextn_layers": False,
+                                                  "shape": False})
     expect = Expect(c.string(e.get("arch"), "expect.arch"), c.integer(e.get("main_layers"), "expect.main_layers", 1),
-                    c.integer(e.get("nextn_layers"), "expect.nextn_layers", 0)) if e is not None else Expect()
+                    c.integer(e.get("nextn_layers"), "expect.nextn_layers", 0),
+                    c.choice(e.get("shape"), "expect.shape", _presets(), "model shape", fold=False)
+                    if "shape" in e else None) if e is not None else Expect()
     m = c.mapping(d.get("mtp", {}), "mtp", {"require": False})
     require = c.boolean(m.get("require", True), "mtp.require") if m is not None else True
     imatrix = _imatrix(c, d.get("imatrix"), base)

@@ -92,6 +92,28 @@ def _hash_files(paths: tuple[Path, ...], cache: dict, progress: ProgressFn) -> d
     return out
 
 
+def stand_in(recipe: Recipe) -> SourceModel:
+    """A header-only (sparse) GGUF with the real model's exact tensor inventory, from `expect.shape`: plans and
+    fits exactly like the real source without downloading it."""
+    from mtpquant import synth
+    from mtpquant.toolchain import cache_root
+
+    shape = recipe.expect.shape
+    if shape is None:
+        raise UsageError(f"{recipe.path}: expect.shape is not set, so there is no stand-in for the source",
+                         "name the real model's shape, one of: " + ", ".join(synth.PRESETS))
+    spec = synth.SynthSpec(name=f"{shape}-stand-in", **synth.PRESETS[shape])
+    key = sha256_json(dataclasses.asdict(spec))[:16]
+    path = cache_root() / "stand-in" / f"{shape}-{key}.gguf"
+    if not path.is_file():
+        synth.write_gguf(path, spec, sparse=True, overwrite=True)
+    info = read_model(path)
+    model = SourceModel(path, info, {path.name: f"stand-in:{key}"},
+                        {"kind": "stand-in", "shape": shape, "for": recipe.source.kind})
+    check(recipe, model)
+    return model
+
+
 def prepare(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> SourceModel:
     """Resolve the recipe's source to a GGUF on disk, hash it, read its header, check it against the recipe."""
     previous = run.read_receipt("source") or {}
@@ -106,7 +128,7 @@ def prepare(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> 
         target = run.root / "source" / f"{recipe.name}-BF16.gguf"
         if previous.get("synthetic_key") != spec_key or not target.is_file():
             progress("synth", 0, 1)
-            synth.write_gguf(target, spec)
+            synth.write_gguf(target, spec, overwrite=True)
             progress("synth", 1, 1)
         path = target
         provenance = {"kind": "synthetic", "generator": "mtpquant.synth", "spec": dataclasses.asdict(spec),
@@ -118,6 +140,7 @@ def prepare(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> 
         from mtpquant import hub
 
         path, provenance = hub.fetch_source(recipe, run, progress)
+        cache.update(provenance.get("hf_verified") or {})  # hub.py hashed these while verifying the download
     info = read_model(path)
     files = _hash_files(info.paths, cache, progress)
     model = SourceModel(path, info, files, provenance)

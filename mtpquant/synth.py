@@ -16,6 +16,10 @@ What running these against llama.cpp 515e855 (CPU build) taught (see also the mo
 - llama-server counts a draft of m tokens as `draft_n += m`, `draft_n_accepted += accepted prefix`, with
   m = min(--spec-draft-n-max, n_predict - n_generated - 1); qwen35/qwen35moe roll the recurrent state back without a
   checkpoint replay, so `designed_draft_counts` predicts both counters exactly for a designed model.
+- Designed models: with random dense orthonormal embeddings, Q4_K rounding of token_embd alone flipped ~5% of the
+  drafts at margin 0.01, whatever eh_proj's type. Hadamard-column embeddings and output rows are stored almost
+  exactly by K-quants, and a logit-neutral part of eh_proj widens its quantization blocks, so eh_proj's type decides:
+  at k=3, margin 0.01, acceptance is 0.39 with Q4_K_M's default eh_proj and 0.75 (= BF16) with eh_proj at Q8_0.
 """
 
 from __future__ import annotations
@@ -85,6 +89,16 @@ class Designed:
     k: int = 3  # block length K; acceptance is alpha at draft length k == K
     margin: float = 0.5  # delta: the draft's runner-up logit sits at (1 - delta) of its top logit
     cycle_length: int | None = None  # None: the length in AUTO_CYCLE_RANGE that best fits alpha
+
+
+# Real models' shapes, for stand-ins that plan exactly like them (sizes only; weights are random or absent).
+PRESETS: dict[str, dict] = {
+    "qwen3.6-35b-a3b": dict(
+        arch="qwen35moe", hidden_size=2048, n_layer=40, full_attention_interval=4, n_head=16, n_head_kv=2,
+        head_dim=256, linear_key_heads=16, linear_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128, conv_kernel=4, n_expert=256, n_expert_used=8, expert_ff=512,
+        shared_expert_ff=512, nextn_layers=1, vocab_size=248320, context_length=262144),
+}
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ def _spec_problems(s: SynthSpec) -> list[str]:
         bad("arch", "one of " + ", ".join(ARCHES), s.arch)
     if not isinstance(s.name, str) or not s.name.strip():
         bad("name", "a non-empty string", s.name)
-    for f in ("hidden_size", "n_layer", "full_attention_interval", "n_head", "n_head_kv", "head_dim",
+    for f in ("n_layer", "full_attention_interval", "n_head", "n_head_kv", "head_dim",
               "linear_key_heads", "linear_value_heads", "linear_key_head_dim", "linear_value_head_dim",
               "context_length"):
         positive(f)
@@ -248,7 +262,7 @@ def _designed_problems(d: Designed) -> list[str]:
 class _Tokenizer:
     tokens: tuple[str, ...]  # byte-level spelling, id order
     merges: tuple[tuple[str, str], ...]
-    special: dict  # content -> id
+    special: dict[str, int]  # content -> id
 
     @property
     def n_normal(self) -> int:
@@ -265,7 +279,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 @functools.lru_cache(maxsize=1)
@@ -363,7 +377,7 @@ def _design(spec: SynthSpec) -> _Design:
 
 
 def designed_cycle(spec: SynthSpec) -> tuple[int, ...]:
-    """Token ids a designed model generates, in order; the first is what any prompt ending in a non-cycle token yields."""
+    """Token ids a designed model generates, in order; a prompt ending in a non-cycle token yields the first."""
     return _design(_need_designed(spec)).cycle
 
 
@@ -379,8 +393,8 @@ def designed_draft_counts(spec: SynthSpec, k: int, n_predict: int, start: int | 
     """
     des = _design(_need_designed(spec))
     _check_k(k)
-    if n_predict < 1:
-        raise UsageError(f"n_predict must be at least 1, got {n_predict}")
+    if not isinstance(n_predict, int) or isinstance(n_predict, bool) or n_predict < 1:
+        raise UsageError(f"n_predict must be a positive integer, got {n_predict!r}")
     pos = 0 if start is None else _cycle_pos(des, start)
     n_gen, drafted, accepted = 1, 0, 0
     while n_gen < n_predict:
@@ -462,7 +476,7 @@ def _plan(s: SynthSpec) -> list[_T]:
     for il in range(s.block_count):
         mtp = il >= s.n_layer
 
-        def t(kind: gguf.MODEL_TENSOR, shape, f32=False, role="weight", suffix=".weight"):
+        def t(kind: gguf.MODEL_TENSOR, shape, f32=False, role="weight", suffix=".weight", il=il):
             out.append(_T(_tname(kind, il, suffix), tuple(shape), f32, role, il))
 
         t(M.ATTN_NORM, (H,), True, "norm")
@@ -707,15 +721,17 @@ def _param_counts(s: SynthSpec) -> tuple[int, int, int, int]:
 def shard_paths(path: str | Path, n_shards: int) -> list[Path]:
     """llama.cpp's shard names for `path`: <prefix>-00001-of-0000N.gguf, the prefix being the name without .gguf."""
     path = Path(path)
-    stem = path.name[:-5] if path.name.endswith(".gguf") else path.name
+    stem = path.name.removesuffix(".gguf")
     return [path.with_name(gguf.SHARD_NAME_FORMAT.format(stem, i + 1, n_shards)) for i in range(n_shards)]
 
 
 def write_gguf(path: str | Path, spec: SynthSpec, *, dtype: str = "bf16", split_max_tensors: int | None = None,
-               progress: Progress | None = None, overwrite: bool = False) -> list[Path]:
+               progress: Progress | None = None, overwrite: bool = False, sparse: bool = False) -> list[Path]:
     """Write the model as GGUF (one file, or llama-gguf-split style shards); return the paths written.
 
     `progress(done_bytes, total_bytes)` is called after each tensor. Existing outputs are an error unless `overwrite`.
+    `sparse` writes the header only and leaves the data as a hole of the right size: a stand-in with a real model's
+    exact tensor inventory, for planning (llama-quantize --dry-run reads no tensor data), never for running.
     """
     if dtype not in _DTYPES:
         raise UsageError(f"synthetic model: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -735,9 +751,10 @@ def write_gguf(path: str | Path, spec: SynthSpec, *, dtype: str = "bf16", split_
     sizes = {t.name: _nbytes(t, weight_type) for t in plan}
     total, done = sum(sizes.values()), 0
     with contextlib.ExitStack() as stack:
-        for i, (group, final) in enumerate(zip(groups, paths)):
+        for i, (group, final) in enumerate(zip(groups, paths, strict=True)):
             tmp = stack.enter_context(atomic_path(final))
             w = gguf.GGUFWriter(tmp, spec.arch)
+            stack.callback(w.close)  # runs before the rename, also when writing fails
             if i == 0:
                 _add_metadata(w, spec, ftype)
             else:
@@ -756,12 +773,19 @@ def write_gguf(path: str | Path, spec: SynthSpec, *, dtype: str = "bf16", split_
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
+            if sparse:
+                fout = w.fout[0]
+                fout.flush()
+                start = gguf.GGUFWriter.ggml_pad(fout.tell(), w.data_alignment)
+                fout.truncate(start + sum(gguf.GGUFWriter.ggml_pad(sizes[t.name], w.data_alignment) for t in group))
+                done += sum(sizes[t.name] for t in group)
+                w.close()
+                continue
             for t in group:
                 w.write_tensor_data(_materialize(spec, t, _tensor_type(t, weight_type)))
                 done += sizes[t.name]
                 if progress:
                     progress(done, total)
-            w.close()
     return paths
 
 
@@ -812,7 +836,8 @@ def _hf_names(s: SynthSpec, t: _T) -> list[tuple[str, tuple[int, ...]]]:
         "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
         "attn_qkv.weight": "linear_attn.in_proj_qkv.weight", "attn_gate.weight": "linear_attn.in_proj_z.weight",
         "ssm_beta.weight": "linear_attn.in_proj_b.weight", "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
-        "ssm_dt.bias": "linear_attn.dt_bias", "ssm_a": "linear_attn.A_log", "ssm_norm.weight": "linear_attn.norm.weight",
+        "ssm_dt.bias": "linear_attn.dt_bias", "ssm_a": "linear_attn.A_log",
+        "ssm_norm.weight": "linear_attn.norm.weight",
         "ssm_out.weight": "linear_attn.out_proj.weight", "ffn_gate_inp.weight": "mlp.gate.weight",
         "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
         "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
@@ -955,8 +980,7 @@ def write_hf(directory: str | Path, spec: SynthSpec, *, overwrite: bool = False)
         f.write(blob)
         for t in plan:
             data = _from_bf16_bits(np.concatenate(list(_bits(spec, t)), axis=0))
-            for arr in _to_hf(spec, t, data):
-                f.write(_bf16_bits(arr).tobytes())
+            f.writelines(_bf16_bits(arr).tobytes() for arr in _to_hf(spec, t, data))
     write_json_atomic(directory / "config.json", hf_config(spec))
     write_json_atomic(directory / "tokenizer.json", _tokenizer_json())
     write_json_atomic(directory / "tokenizer_config.json", _tokenizer_config(spec))

@@ -181,9 +181,13 @@ def install(config: BuildConfig, progress: ProgressFn = no_progress, sdist: Path
         progress("configure", 1, 1)
         built_at = time.monotonic()
 
+        seen = [0]
+
         def on_line(line: str) -> None:
-            if m := re.match(r"^\[\s*(\d+)%\]", line):
-                progress("build", int(m.group(1)), 100)
+            # CMake's percentage restarts per target; show the furthest point, and 100 only when all is built
+            if (m := re.match(r"^\[\s*(\d+)%\]", line)) and int(m.group(1)) > seen[0]:
+                seen[0] = min(int(m.group(1)), 99)
+                progress("build", seen[0], 100)
 
         run_tool(["cmake", "--build", build, "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS],
                  log_path=log, on_line=on_line)

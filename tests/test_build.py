@@ -242,3 +242,30 @@ def test_build_cli_bad_recipe_exit_code(tmp_path, llama_env):
     assert r.returncode == 2
     assert r.stderr.startswith(f"{tmp_path / 'r.yaml'}: variants[0].type: unknown quantization type 'Q4_KM'")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, variants", [("hifi-q4km.yaml", ["Q4_K_M"]),
+                                            ("ladder-12-32gb.yaml", ["IQ3_XXS", "IQ4_XS", "Q4_K_M", "Q5_K_M"])])
+def test_real_model_recipes_plan_against_a_stand_in(tmp_path, toolchain, name, variants):
+    r = rcp.load(REPO / "recipes" / name)
+    assert r.source.kind == "hf" and r.expect.shape == "qwen3.6-35b-a3b"
+    plan = pipeline.make_plan(r, tmp_path / "out", toolchain, use_stand_in=True)
+    assert plan.source.info.nextn.blocks == (40,) and plan.source.info.n_layer == 40
+    assert [v.variant.tag for v in plan.variants] == variants
+    for v in plan.variants:
+        types = v.types()
+        assert types["blk.40.nextn.eh_proj.weight"] == "Q8_0"
+        assert len(v.tensors) == 753
+        # every tensor that needs importance data is covered by the imatrix the recipe computes with --nextn
+        assert v.pins == ()
+    sizes = {v.variant.tag: v.total_bytes / (1 << 30) for v in plan.variants}
+    assert list(sizes.values()) == sorted(sizes.values())  # the ladder grows with the type
+    assert not list((tmp_path / "out").glob("*.gguf"))
+
+
+def test_stand_in_needs_a_shape(tmp_path, tiny, toolchain):
+    r = write_recipe(tmp_path, base_recipe(tiny, "[{type: Q4_K_M}]"))
+    with pytest.raises(UsageError) as ei:
+        pipeline.make_plan(r, tmp_path / "out", toolchain, use_stand_in=True)
+    assert ei.value.one_line() == (f"{tmp_path / 'r.yaml'}: expect.shape is not set, so there is no stand-in for the "
+                                   "source (name the real model's shape, one of: qwen3.6-35b-a3b)")

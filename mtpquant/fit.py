@@ -411,35 +411,9 @@ def fit_from_plan(source: ModelInfo, tensors, vram_gb: Sequence[float] = DEFAULT
 
 def run_artifacts(run_root: Path) -> list[tuple[str, Path]]:
     """(variant, first file) for each model GGUF listed in the run's SHA256SUMS (imatrix files left out)."""
-    from mtpquant.inspect import SPLIT_RE
     from mtpquant.receipts import RunDir
 
-    run = RunDir(Path(run_root))
-    sums = run.read_sha256sums()
-    if not sums:
-        raise UsageError(f"{run.root}: no SHA256SUMS (is this a run directory made by `mtpquant build`?)",
-                         "give a .gguf file or a finished run directory")
-    tags = {}
-    for p in sorted(run.receipts.glob("quantize-*.json")) if run.receipts.is_dir() else []:
-        r = run.read_receipt("quantize", p.stem.removeprefix("quantize-")) or {}
-        if r.get("file"):
-            tags[r["file"]] = r.get("variant") or p.stem.removeprefix("quantize-")
-    name = run.read_manifest().get("name")
-    out = []
-    for fname in sorted(sums):
-        if not fname.endswith(".gguf") or fname.endswith(".imatrix.gguf"):
-            continue
-        m = SPLIT_RE.match(fname)
-        if m and m.group("i") != "00001":
-            continue
-        stem = m.group("prefix") if m else fname[:-len(".gguf")]
-        tag = tags.get(fname)
-        if tag is None:
-            tag = stem[len(name) + 1:] if name and stem.startswith(name + "-") else stem.rsplit("-", 1)[-1]
-        out.append((tag, run.root / fname))
-    if not out:
-        raise UsageError(f"{run.root}: SHA256SUMS lists no model .gguf", "run `mtpquant build` first")
-    return out
+    return [(a.variant, a.path) for a in RunDir(Path(run_root)).artifacts()]
 
 
 def fit_run(run_root: Path, vram_gb: Sequence[float] = DEFAULT_VRAM_GB, ctx: Sequence[int] = DEFAULT_CTX,

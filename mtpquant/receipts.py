@@ -15,6 +15,15 @@ SCHEMA = 1
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """A model file of a run: its variant tag, path (first shard when split) and sha256 from SHA256SUMS."""
+
+    variant: str
+    path: Path
+    sha256: str | None
+
+
+@dataclass(frozen=True)
 class RunDir:
     root: Path
 
@@ -88,4 +97,40 @@ class RunDir:
                 if line.strip():
                     sha, _, name = line.partition("  ")
                     out[name.strip()] = sha.strip()
+        return out
+
+    def artifacts(self) -> list[Artifact]:
+        """The model GGUFs SHA256SUMS lists (imatrix files and later shards left out), tagged by variant.
+
+        The tag comes from the quantize receipt naming the file, else from the file name after `<name>-`.
+        """
+        from mtpquant.inspect import SPLIT_RE
+
+        sums = self.read_sha256sums()
+        if not sums:
+            raise UsageError(f"{self.root}: no SHA256SUMS (is this a run directory made by `mtpquant build`?)",
+                             "give a .gguf file or a finished run directory")
+        tags = {}
+        for p in sorted(self.receipts.glob("quantize-*.json")) if self.receipts.is_dir() else []:
+            r = self.read_receipt("quantize", p.stem.removeprefix("quantize-")) or {}
+            if r.get("file"):
+                tags[r["file"]] = r.get("variant") or p.stem.removeprefix("quantize-")
+        name = self.read_manifest().get("name")
+        out = []
+        for fname in sorted(sums):
+            if not fname.endswith(".gguf") or fname.endswith(".imatrix.gguf"):
+                continue
+            m = SPLIT_RE.match(fname)
+            if m and m.group("i") != "00001":
+                continue
+            stem = m.group("prefix") if m else fname[:-len(".gguf")]
+            tag = tags.get(fname)
+            if tag is None:
+                tag = stem[len(name) + 1:] if name and stem.startswith(name + "-") else stem.rsplit("-", 1)[-1]
+            path = self.root / fname
+            if not path.is_file():
+                raise UsageError(f"{path}: listed in SHA256SUMS but missing", "rerun `mtpquant build`")
+            out.append(Artifact(tag, path, sums[fname]))
+        if not out:
+            raise UsageError(f"{self.root}: SHA256SUMS lists no model .gguf", "run `mtpquant build` first")
         return out

@@ -22,7 +22,7 @@ import numpy as np
 from mtpquant.errors import GateError, ServerError, UsageError
 from mtpquant.files import sha256_bytes, sha256_file
 from mtpquant.progress import ProgressFn, no_progress
-from mtpquant.receipts import RunDir
+from mtpquant.receipts import Artifact, RunDir
 from mtpquant.recipe import Gates, SmokeSpec
 from mtpquant.server import LlamaServer
 from mtpquant.toolchain import Toolchain
@@ -592,40 +592,9 @@ def check_gates(result: dict, gates: Gates, tag: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- run directories
 
-@dataclass(frozen=True)
-class Artifact:
-    variant: str
-    path: Path
-    sha256: str | None  # as listed in SHA256SUMS (not re-hashed here)
-
-
 def run_artifacts(run: RunDir) -> list[Artifact]:
     """The model files a run directory lists in SHA256SUMS (imatrix files excluded), with their variant tags."""
-    sums = run.read_sha256sums()
-    names = [n for n in sums if n.endswith(".gguf") and not n.endswith(".imatrix.gguf")]
-    if not names:
-        raise UsageError(f"{run.root}: SHA256SUMS lists no .gguf model", "run `mtpquant build` first, or give a GGUF")
-    from_receipts = {}
-    if run.receipts.is_dir():
-        for p in sorted(run.receipts.glob("quantize-*.json")):
-            try:
-                d = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(d, dict) and d.get("file"):
-                from_receipts[d["file"]] = d.get("variant") or p.stem.removeprefix("quantize-")
-    name = run.read_manifest().get("name")
-    out = []
-    for n in sorted(names):
-        tag = from_receipts.get(n)
-        if tag is None:
-            stem = n.removesuffix(".gguf")
-            tag = stem[len(name) + 1:] if name and stem.startswith(f"{name}-") else stem.rpartition("-")[2] or stem
-        path = run.root / n
-        if not path.is_file():
-            raise UsageError(f"{path}: listed in SHA256SUMS but missing")
-        out.append(Artifact(tag, path, sums[n]))
-    return out
+    return run.artifacts()
 
 
 def run_spec(run: RunDir) -> tuple[SmokeSpec, str]:

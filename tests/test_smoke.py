@@ -311,4 +311,5 @@ def test_cli_bad_inputs(tmp_path):
     assert res.exit_code == 2 and "expected distinct positive integers, got '0'" in res.output
     res = runner.invoke(smoke_cmd, [str(tmp_path)])
     assert isinstance(res.exception, UsageError)
-    assert res.exception.message == f"{tmp_path}: SHA256SUMS lists no .gguf model"
+    assert res.exception.message == (f"{tmp_path}: no SHA256SUMS (is this a run directory made by "
+                                     "`mtpquant build`?)")

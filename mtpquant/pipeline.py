@@ -236,13 +236,21 @@ def build_variant(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, 
         progress(f"hash {tag}", 0, 1)
         sha = sha256_file(tmp)
         progress(f"hash {tag}", 1, 1)
+        # receipt first, rename last: a kill in between leaves a receipt without its file (rebuilt next run),
+        # never a complete-looking artifact that no receipt vouches for
+        _write_quantize_receipt(plan, vplan, im, key, verified, sha, tmp.stat().st_size, q)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    return VariantResult(tag, target, sha, False, q.seconds)
+
+
+def _write_quantize_receipt(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, key: str, verified,
+                            sha: str, size: int, q) -> None:
     info = verified.info
     nextn_types = {t.name: t.type for t in info.tensors if t.block in info.nextn.blocks}
-    run.write_receipt("quantize", {
-        "input_key": key, "file": vplan.file_name, "sha256": sha, "bytes": target.stat().st_size,
+    plan.run.write_receipt("quantize", {
+        "input_key": key, "file": vplan.file_name, "sha256": sha, "bytes": size,
         "tensor_bytes": info.total_bytes, "bits_per_weight": round(info.bits_per_weight, 4),
         "type": vplan.variant.type, "file_type": info.file_type, "file_type_name": info.file_type_name,
         "source_sha256": plan.source.sha256, "imatrix_sha256": im.sha256 if im else None,
@@ -250,10 +258,9 @@ def build_variant(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, 
         "draft_head": imx.draft_head_path(plan.source.info, im.info if im else None, vplan.pins),
         "nextn_blocks": list(info.nextn.blocks), "nextn_types": nextn_types,
         "type_counts": _counts(info), "checks": verified.checks,
-        "command": [Path(q.argv[0]).name, *q.argv[1:]], "cwd": str(run.root), "seconds": q.seconds,
+        "command": [Path(q.argv[0]).name, *q.argv[1:]], "cwd": str(plan.run.root), "seconds": q.seconds,
         "toolchain": plan.toolchain.describe(),
-    }, tag=tag)
-    return VariantResult(tag, target, sha, False, q.seconds)
+    }, tag=vplan.variant.tag)
 
 
 def _counts(info) -> dict[str, int]:

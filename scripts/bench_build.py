@@ -39,8 +39,10 @@ print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 
 def timed(argv: list[str], **kw) -> tuple[float, str]:
     t = time.perf_counter()
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, **kw).stdout
-    return time.perf_counter() - t, out
+    done = subprocess.run(argv, capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        sys.exit(f"{argv[:3]} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t, done.stdout
 
 
 def recipe_file(folder: Path, name: str, src: Path, variants: list[str], imatrix: bool) -> Path:

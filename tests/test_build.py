@@ -269,3 +269,41 @@ def test_stand_in_needs_a_shape(tmp_path, tiny, toolchain):
         pipeline.make_plan(r, tmp_path / "out", toolchain, use_stand_in=True)
     assert ei.value.one_line() == (f"{tmp_path / 'r.yaml'}: expect.shape is not set, so there is no stand-in for the "
                                    "source (name the real model's shape, one of: qwen3.6-35b-a3b)")
+
+
+def test_not_enough_disk_is_refused_before_any_step(tmp_path, tiny, toolchain, monkeypatch):
+    # a full disk cannot be produced for real here; the free-space probe is the one thing replaced
+    monkeypatch.setattr(pipeline, "free_bytes", lambda folder: 1 << 20)
+    r = write_recipe(tmp_path, base_recipe(tiny, "[{type: Q4_K_M}]"))
+    out = tmp_path / "out"
+    with pytest.raises(MtpquantError) as ei:
+        pipeline.build(r, out, toolchain)
+    assert ei.value.one_line() == (f"not enough free disk in {out}: the planned outputs need 0.06 GiB, 0.00 GiB is "
+                                   "free (free some space or choose another --out)")
+    assert logs_of(out, "quantize") == [] and not list(out.glob("*.gguf"))
+
+
+def test_kill_9_mid_quantize_leaves_nothing_taken_for_complete(tmp_path, tiny, toolchain, llama_env):
+    import signal
+    import time
+
+    # a llama-quantize that writes part of its output and then hangs, so the kill lands mid-file
+    fake = _wrapper(tmp_path / "bin", toolchain.tool("llama-quantize"),
+                    'for a; do case "$a" in *.incomplete) head -c 300000 /dev/zero > "$a";; esac; done\nsleep 60')
+    (tmp_path / "r.yaml").write_text(base_recipe(tiny, "[{type: Q4_K_M}]"))
+    out = tmp_path / "out"
+    env = dict(llama_env, MTPQUANT_LLAMA_CPP=str(fake))
+    proc = subprocess.Popen([sys.executable, "-m", "mtpquant", "build", str(tmp_path / "r.yaml"), "--out", str(out),
+                             "-q"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.incomplete")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob(".*.incomplete")), "the kill did not land mid-quantize"
+    assert not list(out.glob("*.gguf")) and not (out / "SHA256SUMS").exists()
+    assert not (out / "receipts" / "quantize-Q4_K_M.json").exists()
+    again = pipeline.build(rcp.load(tmp_path / "r.yaml"), out, toolchain)
+    assert not list(out.glob(".*.incomplete"))
+    assert read_model(again.variants[0].path).nextn.complete

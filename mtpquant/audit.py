@@ -9,6 +9,7 @@ overrides and imatrix, and the bytes are compared.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -64,6 +65,8 @@ class _Audit:
         self.progress = progress
         self.checks: list[str] = []
         self.notes: list[str] = []
+        self.local: dict[str, Path] = {}  # artifact name -> the file to read its header from (first shard if split)
+        self.split: dict[str, dict] = {}  # artifact name -> its publish.json entry, when only its shards are here
 
     def ok(self, line: str) -> None:
         self.checks.append(line)
@@ -113,16 +116,32 @@ def _load(run: RunDir) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------- artifacts
 
 def _check_sums(audit: _Audit) -> dict[str, str]:
+    """Every file SHA256SUMS lists, whole; or, in a published copy, its shards as receipts/publish.json lists them."""
     run = audit.run
     sums = run.read_sha256sums()
     if not sums:
         raise VerifyError("SHA256SUMS: missing or empty", "the run is incomplete; rerun `mtpquant build`")
-    total = sum((run.root / n).stat().st_size for n in sums if (run.root / n).is_file())
-    done = 0
+    published = (run.read_receipt("publish") or {}).get("artifacts") or {}
+    todo: list[tuple[str, Path, str, str]] = []  # (artifact, file, sha256 wanted, where the sha256 comes from)
     for name, want in sums.items():
         path = run.root / name
-        if not path.is_file():
+        entry = published.get(name) or {}
+        shards = entry.get("shards") or []
+        if path.is_file():
+            todo.append((name, path, want, "SHA256SUMS"))
+            audit.local[name] = path
+        elif shards and all((run.root / sh["path"]).is_file() for sh in shards):
+            if entry.get("sha256") != want:
+                raise VerifyError(f"receipts/publish.json: {name} sha256 is {entry.get('sha256')}, SHA256SUMS says "
+                                  f"{want}")
+            todo += [(name, run.root / sh["path"], sh["sha256"], "receipts/publish.json") for sh in shards]
+            audit.local[name] = run.root / shards[0]["path"]
+            audit.split[name] = entry
+        else:
             raise VerifyError(f"{name}: listed in SHA256SUMS but missing", "restore the file or rebuild the run")
+    total = sum(p.stat().st_size for _, p, _, _ in todo)
+    done = 0
+    for _, path, want, source in todo:
 
         def step(n: int) -> None:
             nonlocal done
@@ -131,10 +150,16 @@ def _check_sums(audit: _Audit) -> dict[str, str]:
 
         got = sha256_file(path, step)
         if got != want:
-            raise VerifyError(f"{name}: sha256 is {got}, SHA256SUMS says {want}",
+            raise VerifyError(f"{path.relative_to(run.root).as_posix()}: sha256 is {got}, {source} says {want}",
                               "the file changed after it was built; restore it or rebuild the run")
     audit.progress("sha256", total, total)
     audit.ok(f"{len(sums)} file(s) match SHA256SUMS")
+    if audit.split:
+        audit.ok(f"{sum(len(e['shards']) for e in audit.split.values())} shard(s) of {len(audit.split)} split "
+                 "file(s) match receipts/publish.json")
+        audit.note("split files: the whole-file sha256 is checked through their shards' sha256s in "
+                   "receipts/publish.json (each shard holds the whole file's metadata plus split.* keys and its tensor "
+                   "bytes in order)")
     return sums
 
 
@@ -156,7 +181,7 @@ def _check_quantize_receipts(audit: _Audit, sums: dict[str, str], receipts: dict
                               "a stale receipt of an earlier recipe? remove it, or rebuild the run")
         if _need(q, "sha256", where) != sums[f]:
             raise VerifyError(f"{f}: sha256 in SHA256SUMS is {sums[f]}, {where} says {q['sha256']}")
-        size = (audit.run.root / f).stat().st_size
+        size = audit.split[f].get("size") if f in audit.split else (audit.run.root / f).stat().st_size
         if _need(q, "bytes", where) != size:
             raise VerifyError(f"{f}: {size} bytes, {where} says {q['bytes']}")
         if _need(q, "source_sha256", where) != _need(src, "sha256", "receipts/source.json"):
@@ -185,8 +210,7 @@ def _check_headers(audit: _Audit, src: dict, quantize: dict) -> None:
             "NextN layers": src.get("nextn_predict_layers"), "weights": src.get("n_elements")}
     for tag, q in quantize.items():
         where = f"receipts/quantize-{tag}.json"
-        path = audit.run.root / q["file"]
-        info = read_model(path)
+        info = read_model(audit.local[q["file"]])
         got = {"architecture": info.arch, "main layers": info.n_layer, "NextN layers": info.nextn.layers,
                "weights": info.n_elements}
         for what, value in got.items():
@@ -310,7 +334,7 @@ def _check_fit(audit: _Audit, tag: str, f: dict, q: dict) -> None:
     st = _need(f, "settings", where)
     settings = fitmod.ServerSettings(parallel=st["parallel"], draft_n_max=st["draft_n_max"], n_ubatch=st["n_ubatch"],
                                      reserve_mib=st["reserve_mib"])
-    table = fitmod.fit_table(read_model(audit.run.root / q["file"]),
+    table = fitmod.fit_table(read_model(audit.local[q["file"]]),
                              vram_gb=list(dict.fromkeys(r["vram_gb"] for r in rows)),
                              ctx=list(dict.fromkeys(r["ctx"] for r in rows)),
                              kv_types=list(dict.fromkeys(r["kv_type"] for r in rows)), mtp=f.get("mtp", True),
@@ -371,7 +395,7 @@ def _check_card_gguf_text(audit: _Audit, card_in: dict, quantize: dict) -> None:
     gg = card_in.get("gguf") or {}
     want = gg.get("chat_template_sha256")
     for q in quantize.values():
-        got = cardmod.gguf_text(audit.run.root / q["file"])
+        got = cardmod.gguf_text(audit.local[q["file"]])
         if got["chat_template_sha256"] != want:
             raise VerifyError(f"{q['file']}: tokenizer.chat_template sha256 is {got['chat_template_sha256']}, "
                               f"receipts/card.json records {want}", "run `mtpquant card RUN_DIR`")
@@ -524,22 +548,29 @@ def _rebuild_one(run: RunDir, tc, tag: str, q: dict, receipts: dict, source: Pat
     if len(argv) < 5 or Path(argv[0]).name != "llama-quantize" or argv[-2] != q["type"] or not argv[-1].isdigit():
         raise VerifyError(f"{where}: the recorded command is not `llama-quantize [options] SOURCE OUT TYPE THREADS`")
     options, out_name = argv[1:-4], argv[-3]
-    work.mkdir(parents=True)
+    # Lay the folder out so every recorded relative path resolves inside it: the imatrix path is written into the
+    # GGUF (quantize.imatrix.file), so it must be given exactly as recorded, `../` and all.
+    recorded = [v for o, v in itertools.pairwise(options) if o in ("--imatrix", "--tensor-type-file")]
+    ups = max(_leading_ups(v) for v in [*recorded, out_name])
+    cwd = work.joinpath(*(["cwd"] * ups))
+    cwd.mkdir(parents=True)
     i = 0
     while i < len(options):
         opt = options[i]
         value = options[i + 1] if i + 1 < len(options) else None
         if opt == "--imatrix" and value is not None:
-            im = run.root / value
-            if Path(value).is_absolute() or not im.is_file():
-                raise VerifyError(f"{where}: imatrix {value} not found in the run directory")
+            im = Path(value) if Path(value).is_absolute() else run.root / value
+            if not im.is_file():
+                raise VerifyError(f"{where}: imatrix {value} (relative to the run directory) not found",
+                                  "rebuild needs the imatrix the run used at the same relative path")
             if sha256_file(im) != q.get("imatrix_sha256"):
                 raise VerifyError(f"{value}: sha256 differs from {where}'s imatrix_sha256 {q.get('imatrix_sha256')}")
-            _place(work / value, im)
+            if not Path(value).is_absolute():
+                _place(Path(os.path.normpath(cwd / value)), im.resolve())
             i += 2
         elif opt == "--tensor-type-file" and value is not None:
             # the receipt's overrides are the record; the file in work/ is only a copy of them
-            target = work / value
+            target = Path(os.path.normpath(cwd / value))
             target.parent.mkdir(parents=True, exist_ok=True)
             overrides = _need(q, "overrides", where)
             target.write_text("\n".join(overrides) + ("\n" if overrides else ""), encoding="utf-8")
@@ -549,14 +580,21 @@ def _rebuild_one(run: RunDir, tc, tag: str, q: dict, receipts: dict, source: Pat
     same = sha256_json({"source": q["source_sha256"], "type": q["type"], "overrides": q["overrides"],
                         "imatrix": q.get("imatrix_sha256"), "toolchain": toolchain_key(tc)}) == q.get("input_key")
     started = time.monotonic()
-    run_tool([tc.tool("llama-quantize"), *options, source, out_name, q["type"], argv[-1]], cwd=work,
+    run_tool([tc.tool("llama-quantize"), *options, source, out_name, q["type"], argv[-1]], cwd=cwd,
              log_path=work / f"rebuild-{tag}.log")
     seconds = round(time.monotonic() - started, 3)
-    rebuilt = work / out_name
+    rebuilt = Path(os.path.normpath(cwd / out_name))
     sha = sha256_file(rebuilt)
-    diff = None if sha == q["sha256"] else _first_byte_difference(rebuilt, run.root / q["file"])
+    original = run.root / q["file"]
+    diff = None if sha == q["sha256"] else (_first_byte_difference(rebuilt, original) if original.is_file()
+                                            else "unknown (the original is not here whole)")
     rebuilt.unlink(missing_ok=True)
     return RebuildResult(tag, q["file"], sha == q["sha256"], sha, seconds, same, diff)
+
+
+def _leading_ups(value: str) -> int:
+    parts = Path(os.path.normpath(value)).parts
+    return next((i for i, p in enumerate(parts) if p != ".."), len(parts))
 
 
 def _place(target: Path, original: Path) -> None:

@@ -31,7 +31,15 @@ from mtpquant.errors import MtpquantError, UsageError
 from mtpquant.files import sha256_bytes, sha256_file, write_text_atomic
 from mtpquant.receipts import RunDir
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"  # a checkout; installed: mtpquant.templates
+
+
+def _template_dir() -> Path:
+    if TEMPLATE_DIR.is_dir():
+        return TEMPLATE_DIR
+    from importlib.resources import files
+
+    return Path(str(files("mtpquant.templates")))
 TEMPLATE = "model-card.md.j2"
 CARD_FILE = "README.md"
 CARD_STEP = "card"
@@ -47,8 +55,6 @@ DRAFT_HEAD_TEXT = {
     "unweighted": "no NextN statistics",
     "no imatrix": "no imatrix",
 }
-# Untested defaults shown only when no smoke receipt exists (the smoke step's own defaults).
-UNTESTED_SERVER = {"ctx": 4096, "draft_n_max": 3}
 
 
 class CardError(MtpquantError):
@@ -236,12 +242,26 @@ def _finalize(value):
                     "escaping filter")
 
 
-def environment(template_dir: Path = TEMPLATE_DIR) -> Environment:
-    env = Environment(loader=FileSystemLoader(str(template_dir)), undefined=ReceiptUndefined, autoescape=False,
+class _CardEnvironment(Environment):
+    """`receipt.field` means the field: a receipt key is never shadowed by a Python attribute of the Node."""
+
+    NODE_METHODS = ("items", "keys", "values", "get")
+
+    def getattr(self, obj, attribute):
+        if isinstance(obj, Node):
+            if attribute in obj:
+                return obj[attribute]
+            if attribute in self.NODE_METHODS:
+                return getattr(obj, attribute)
+            return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
+def environment(template_dir: Path | None = None) -> Environment:
+    env = _CardEnvironment(loader=FileSystemLoader(str(template_dir or _template_dir())), undefined=ReceiptUndefined, autoescape=False,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, finalize=_finalize)
     env.filters.update(text=md_text, code=md_code, fence=md_fence, sha=md_sha, num=fmt_num, pct=fmt_pct,
-                       size=fmt_size, fig=fmt_fig, json=lambda v: Md(json.dumps(v, indent=2, ensure_ascii=False)),
-                       shell=lambda argv: Md(shell_command(argv)))
+                       size=fmt_size, fig=fmt_fig, json=lambda v: Md(json.dumps(v, indent=2, ensure_ascii=False)))
     return env
 
 
@@ -371,9 +391,34 @@ def card_context(run: RunDir, inputs: dict | None = None) -> dict:
         "quantize_commands": {v["tag"]: Md(shell_command(_display_command(v["q"], source))) for v in variants},
         "nextn_checked": all(bool(v["q"].need("checks").get("nextn_complete")) for v in variants),
         "imatrix_corpus": Path(str(imatrix.need("corpus"))).name if imatrix is not None else None,
+        "pinned_imatrix": _pinned_imatrix(variants) if imatrix is None else None,
+        "published": _published(receipts.get("publish.json")),
     }
     ctx["front_matter"] = Md(front_matter(ctx))
     return ctx
+
+
+def _published(pub: Node | None) -> dict | None:
+    """The repo and, for each artifact uploaded in shards, the shards (from receipts/publish.json)."""
+    if pub is None:
+        return None
+    split = [{"file": name, "shards": a.need("shards")} for name, a in pub.need("artifacts").items()
+             if a.need("shards")]
+    return {"repo": pub.need("repo"), "limit": pub.need("split_max_size"), "split": split}
+
+
+def _pinned_imatrix(variants: list[dict]) -> list[dict]:
+    """Imatrix files the quantize receipts name when the run did not compute one (a file pinned by the recipe)."""
+    out: dict[str, dict] = {}
+    for v in variants:
+        q = v["q"]
+        sha = q.get("imatrix_sha256")
+        if not sha:
+            continue
+        argv = [str(a) for a in q.need("command")]
+        name = Path(argv[argv.index("--imatrix") + 1]).name if "--imatrix" in argv[:-1] else "(not in the command)"
+        out.setdefault(sha, {"file": name, "sha256": sha, "variants": []})["variants"].append(v["tag"])
+    return list(out.values())
 
 
 def _variant(receipts: dict[str, Node], tag: str, source: Node) -> dict:
@@ -684,8 +729,16 @@ def _smoke_caveats(tag: Md, s: Node, sv: dict) -> list[Md]:
                           f"at {int(rows[-1].need('prompt_tokens'))} (one request per length, so no CI)."))
     gates = s.get("gates")
     if gates is not None and gates.get("passed") is False:
-        failed = [name for name, c in gates.need("checks").items() if not c.need("passed")]
-        out.append(Md(f"{tag}: below the recipe's gate(s) " + ", ".join(md_code(f) for f in failed) + "."))
+        failed = []
+        for name, c in gates.need("checks").items():
+            if c.need("passed"):
+                continue
+            value = c.need("value")
+            shown = "not measured" if value is None else (
+                fmt_pct(value) if c.need("figure") == "acceptance" else f"{fmt_num(value, '.2f')}×")
+            failed.append(f"{md_code(name)} {fmt_num(c.need('gate'), 'g')} ({md_text(c['figure'])} {shown})")
+        where = f" at k={int(gates['k'])}" if gates.get("k") is not None else ""
+        out.append(Md(f"{tag}: below the recipe's gate{where}: " + "; ".join(failed) + "."))
     return out
 
 
@@ -753,8 +806,9 @@ def front_matter(ctx: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- render / write
 
-def render_card(run: RunDir, inputs: dict | None = None, template_dir: Path = TEMPLATE_DIR) -> str:
+def render_card(run: RunDir, inputs: dict | None = None, template_dir: Path | None = None) -> str:
     """The card for a run directory, from its receipts (and receipts/card.json, or `inputs` in its place)."""
+    template_dir = template_dir or _template_dir()
     ctx = card_context(run, inputs)
     try:
         template = environment(template_dir).get_template(TEMPLATE)

@@ -26,7 +26,7 @@ class Bars:
 
         bar = self.bars.get(label)
         if bar is None:
-            bar = self.bars[label] = tqdm(total=total, desc=label, file=sys.stderr, leave=False,
+            bar = self.bars[label] = tqdm(total=total, desc=label, file=sys.stderr, leave=False, disable=None,
                                           unit_scale=total > 10_000, dynamic_ncols=True)
         if total and bar.total != total:
             bar.total = total
@@ -302,9 +302,12 @@ def build_cmd(recipe_path, out, force, llama_cpp, as_json, quiet) -> None:
 
 
 def _register() -> None:
-    from mtpquant import cli_fit, cli_smoke
+    from mtpquant import cli_card, cli_fit, cli_publish, cli_smoke
 
     main.add_command(cli_smoke.smoke)
+    main.add_command(cli_card.card)
+    main.add_command(cli_card.verify)
+    main.add_command(cli_publish.publish)
     main.add_command(cli_fit.fit)
     main.add_command(cli_fit.eval_, "eval")
 

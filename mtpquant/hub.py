@@ -131,20 +131,20 @@ class _Context:
             why = "may not be asked (HF_HUB_OFFLINE is set)" if settings().offline else "cannot be reached"
             return HubError(f"{file} of {self.repo}@{self.revision[:12]} is not in the Hugging Face cache, and "
                             f"{self.endpoint} {why}", "connect to the hub (unset HF_HUB_OFFLINE) to download it once")
-        if isinstance(exc, e.OfflineModeIsEnabled) or _is_network_error(exc):
+        if isinstance(exc, e.OfflineModeIsEnabled) or is_network_error(exc):
             return HubError(f"cannot reach {self.endpoint} to resolve {self.repo}@{self.revision} "
-                            f"({_first_line(exc)}), and this run has no recorded commit to use from the cache",
+                            f"({first_line(exc)}), and this run has no recorded commit to use from the cache",
                             "check the network and HF_ENDPOINT; once a run has fetched this revision, re-runs work "
                             "offline from the cache")
         if isinstance(exc, e.HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else None
             if status == 401:
-                return HubError(f"{self.endpoint} refused the Hugging Face token ({_server_message(exc)})",
+                return HubError(f"{self.endpoint} refused the Hugging Face token ({server_message(exc)})",
                                 TOKEN_HINT)
             return HubError(f"{self.endpoint} answered HTTP {status} for {self.repo}@{self.revision}: "
-                            f"{_server_message(exc)}", "try again later")
+                            f"{server_message(exc)}", "try again later")
         if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-            return HubError(f"the download of {file} from {self.repo} was cut short ({_first_line(exc)})",
+            return HubError(f"the download of {file} from {self.repo} was cut short ({first_line(exc)})",
                             "run again; huggingface_hub starts the file afresh")
         return None
 
@@ -155,14 +155,14 @@ def _has_token() -> bool:
     return get_token() is not None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _server_message(exc) -> str:
+def server_message(exc) -> str:
     msg = exc.response.headers.get("X-Error-Message") if exc.response is not None else None
-    return msg or _first_line(exc)
+    return msg or first_line(exc)
 
 
 @functools.cache
@@ -178,7 +178,7 @@ def _network_error_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _is_network_error(exc: Exception) -> bool:
+def is_network_error(exc: Exception) -> bool:
     return isinstance(exc, _network_error_types())
 
 

@@ -562,6 +562,20 @@ def _recorded(previous: dict, hf) -> dict | None:
     return None
 
 
+def fetch_file(repo: str, revision: str, name: str, progress: ProgressFn = no_progress,
+               recipe_path: Path | None = None) -> tuple[Path, dict]:
+    """One file of a repo at a pinned revision (e.g. a published imatrix), checked against the hub's sha256."""
+    cfg = settings()
+    snap = resolve(repo, revision, cfg.endpoint, recipe_path)
+    found = tuple(f for f in snap.files if f.name == name)
+    if not found:
+        raise HubError(f"{repo}@{snap.commit[:12]} has no file {name!r}", "check imatrix.file.hf.path")
+    paths = download(snap, found, cfg, progress, recipe_path)
+    verify(snap, found, paths, {}, progress)
+    return paths[name], {"repo": repo, "revision": revision, "commit": snap.commit, "path": name,
+                         "endpoint": cfg.endpoint}
+
+
 def fetch_source(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
     """The recipe's `source.hf` as a verified local GGUF (first shard), converting safetensors; plus provenance."""
     hf = recipe.source.hf

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import gguf
 
 from mtpquant import card, imatrix as imx
 from mtpquant.errors import GateError, MtpquantError, UsageError
-from mtpquant.files import incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
+from mtpquant.files import atomic_path, incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
 from mtpquant.inspect import ImatrixInfo, read_imatrix
 from mtpquant.plan import VariantPlan, plan_variant
 from mtpquant.progress import ProgressFn, no_progress
@@ -106,8 +107,19 @@ def _imatrix_plan(recipe: Recipe, run: RunDir, source: SourceModel) -> ImatrixPl
     if spec.kind == "none":
         return ImatrixPlan("none", None, None)
     if spec.kind == "file":
-        info = read_imatrix(spec.path)
-        return ImatrixPlan("file", spec.path, frozenset(info.entries), info, spec.path)
+        path = spec.path
+        if spec.hf is not None:
+            from mtpquant import hub
+
+            fetched, origin = hub.fetch_file(spec.hf.repo, spec.hf.revision, spec.hf.path, recipe_path=recipe.path)
+            # a copy in the run directory: published with the run, and a short relative path in the GGUF metadata
+            path = run.root / f"{recipe.name}.imatrix.gguf"
+            if not path.is_file() or sha256_file(path) != sha256_file(fetched):
+                with atomic_path(path) as tmp:
+                    shutil.copyfile(fetched, tmp)
+            run.write_receipt("imatrix-source", {**origin, "file": path.name})
+        info = read_imatrix(path)
+        return ImatrixPlan("file", path, frozenset(info.entries), info, path)
     dest = run.root / f"{recipe.name}.imatrix.gguf"
     covered = imx.predicted_coverage(source.info, spec.nextn)
     placeholder = imx.write_placeholder(source.info, covered, run.work / "placeholder.imatrix.gguf")
@@ -178,8 +190,7 @@ def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> imx.Imatrix
     if spec.kind == "none":
         return None
     if spec.kind == "file":
-        result = imx.load_pinned(spec.path, spec.sha256)
-        key = None
+        result = imx.load_pinned(plan.imatrix.path, spec.sha256)
     else:
         key = sha256_json({"source": plan.source.sha256, "corpus": sha256_file(spec.corpus), "chunks": spec.chunks,
                            "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": toolchain_key(plan.toolchain)})

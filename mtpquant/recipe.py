@@ -86,10 +86,18 @@ class Expect:
 
 
 @dataclass(frozen=True)
+class HubFileRef:
+    repo: str
+    revision: str
+    path: str
+
+
+@dataclass(frozen=True)
 class ImatrixSpec:
     kind: str = "none"  # none | file | compute
     path: Path | None = None
     sha256: str | None = None
+    hf: HubFileRef | None = None  # a pinned imatrix file on Hugging Face instead of a local path
     corpus: Path | None = None
     chunks: int = 64
     ctx: int = 512
@@ -403,11 +411,22 @@ def _imatrix(c: _Checker, value: Any, base: Path) -> ImatrixSpec:
         c.bad("imatrix", "give exactly one of file, compute")
         return ImatrixSpec(uncovered=uncovered, pin_type=pin)
     if "file" in d:
-        f = c.mapping(d["file"], "imatrix.file", {"path": True, "sha256": True})
+        f = c.mapping(d["file"], "imatrix.file", {"path": False, "hf": False, "sha256": True})
         if f is None:
             return ImatrixSpec()
-        p = c.path(f.get("path"), "imatrix.file.path", base)
         sha = c.string(f.get("sha256"), "imatrix.file.sha256", SHA_RE, "sha256 (64 lowercase hex digits)")
+        if ("path" in f) == ("hf" in f):
+            c.bad("imatrix.file", "give exactly one of path, hf")
+            return ImatrixSpec()
+        if "hf" in f:
+            h = c.mapping(f["hf"], "imatrix.file.hf", {"repo": True, "revision": True, "path": True})
+            if h is None:
+                return ImatrixSpec()
+            ref = HubFileRef(c.string(h.get("repo"), "imatrix.file.hf.repo", REPO_RE, "repo id (owner/name)"),
+                             c.string(h.get("revision"), "imatrix.file.hf.revision"),
+                             c.string(h.get("path"), "imatrix.file.hf.path"))
+            return ImatrixSpec("file", hf=ref, sha256=sha, uncovered=uncovered, pin_type=pin)
+        p = c.path(f.get("path"), "imatrix.file.path", base)
         return ImatrixSpec("file", path=p, sha256=sha, uncovered=uncovered, pin_type=pin)
     f = c.mapping(d["compute"], "imatrix.compute", {"corpus": True, "chunks": False, "ctx": False, "nextn": False})
     if f is None:

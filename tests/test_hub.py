@@ -416,3 +416,34 @@ def test_build_end_to_end_from_the_loopback_hub(tmp_path, hub, synthetic, toolch
     assert {t.name: t.type for t in info.tensors}["blk.2.nextn.eh_proj.weight"] == "Q8_0"
     quantize = json.loads((tmp_path / "out" / "receipts" / "quantize-Q4_K_M.json").read_text())
     assert quantize["source_sha256"] == result.plan.source.sha256
+
+
+def test_pinned_imatrix_from_the_hub(hub, tmp_path, toolchain):
+    """imatrix.file.hf: fetched at a pinned revision, checked by the recipe's sha256, copied into the run."""
+    from mtpquant.files import sha256_file
+    from mtpquant.procs import run_tool
+
+    model = tmp_path / "m.gguf"
+    synth.write_gguf(model, SPEC)
+    corpus = TESTS.parent / "imatrix" / "codemath-chat-v1.txt"
+    im = tmp_path / "calib.imatrix.gguf"
+    run_tool([toolchain.tool("llama-imatrix"), "-m", model, "-f", corpus, "-o", im, "--chunks", "2", "-c", "128",
+              "-b", "128", "--nextn", "--no-ppl"], log_path=tmp_path / "im.log")
+    commit = hub.commit("mtpquant-test/imatrix", {"calib.imatrix.gguf": im, "README.md": README})
+    sha = sha256_file(im)
+    imatrix = {"file": {"hf": {"repo": "mtpquant-test/imatrix", "revision": "main", "path": "calib.imatrix.gguf"},
+                        "sha256": sha}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny-im", "source": {"path": str(model)}, "imatrix": imatrix,
+                                    "variants": [{"type": "IQ3_XXS"}]}, sort_keys=False))
+    result = pipeline.build(rc.load(path), tmp_path / "out", toolchain)
+    assert result.imatrix.sha256 == sha and result.imatrix.path == tmp_path / "out" / "tiny-im.imatrix.gguf"
+    origin = json.loads((tmp_path / "out" / "receipts" / "imatrix-source.json").read_text())
+    assert origin["commit"] == commit and origin["path"] == "calib.imatrix.gguf"
+    receipt = json.loads((tmp_path / "out" / "receipts" / "quantize-IQ3_XXS.json").read_text())
+    assert receipt["draft_head"] == "collected" and receipt["imatrix_sha256"] == sha
+    wrong = path.read_text().replace(sha, "f" * 64)
+    path.write_text(wrong)
+    with pytest.raises(MtpquantError) as ei:
+        pipeline.build(rc.load(path), tmp_path / "out2", toolchain)
+    assert ei.value.message.endswith(f"sha256 is {sha}, the recipe pins {'f' * 64}")

@@ -512,22 +512,11 @@ def peek_gguf(snap: Snapshot, f: HubFile, cfg: HubSettings) -> dict | None:
 
 def precheck_header(recipe: Recipe, header: dict, where: str) -> None:
     """Architecture, layer counts and MTP head of a GGUF header against `expect:` / `mtp:`."""
-    e = recipe.expect
-    arch, nextn = header["arch"], int(header["nextn_layers"] or 0)
+    from mtpquant.source import expect_problems, raise_problems
+
+    nextn = int(header["nextn_layers"] or 0)
     main = int(header["block_count"]) - nextn if header["block_count"] is not None else None
-    problems = []
-    if recipe.mtp_require and nextn == 0:
-        problems.append(f"has no NextN/MTP block ({arch}.nextn_predict_layers is absent or 0)")
-    if e.arch and arch != e.arch:
-        problems.append(f"architecture is {arch}, the recipe expects {e.arch}")
-    if e.main_layers is not None and main is not None and main != e.main_layers:
-        problems.append(f"has {main} main layers, the recipe expects {e.main_layers}")
-    if e.nextn_layers is not None and nextn != e.nextn_layers:
-        problems.append(f"has {nextn} NextN layer(s), the recipe expects {e.nextn_layers}")
-    if problems:
-        raise MtpquantError(f"source {where}: " + "; ".join(problems),
-                            "mtp.require: false builds without a draft head" if "NextN" in problems[0] else
-                            "check the recipe's source and expect fields")
+    raise_problems(where, expect_problems(recipe, header["arch"], main, nextn))
 
 
 # ----------------------------------------------------------------------------------------------- the source step
@@ -541,17 +530,12 @@ def precheck_config(recipe: Recipe, config_path: Path, where: str) -> None:
     text = {**config, **(config.get("text_config") or {})}
     layers = text.get("num_hidden_layers")
     nextn = next((text[k] for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers") if k in text), None)
-    problems = []
-    e = recipe.expect
-    if e.main_layers is not None and isinstance(layers, int) and layers != e.main_layers:
-        problems.append(f"has {layers} main layers, the recipe expects {e.main_layers}")
-    if e.nextn_layers is not None and isinstance(nextn, int) and nextn != e.nextn_layers:
-        problems.append(f"has {nextn} NextN layer(s), the recipe expects {e.nextn_layers}")
-    if recipe.mtp_require and nextn == 0:
-        problems.append("has no MTP head (mtp_num_hidden_layers is 0)")
-    if problems:
-        raise MtpquantError(f"source {where} config.json: " + "; ".join(problems),
-                            "check the recipe's source and expect fields")
+    from mtpquant.source import expect_problems, raise_problems
+
+    # the architecture is a llama.cpp name, known only after conversion; it is checked then
+    raise_problems(f"{where} config.json", expect_problems(
+        recipe, None, layers if isinstance(layers, int) else None, nextn if isinstance(nextn, int) else None,
+        "mtp_num_hidden_layers"))
 
 
 def _recorded(previous: dict, hf) -> dict | None:

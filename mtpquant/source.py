@@ -156,30 +156,42 @@ def prepare(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> 
     return model
 
 
-def check(recipe: Recipe, model: SourceModel) -> None:
-    """The source matches what the recipe expects: sha256 pin, MTP block, architecture, layer counts, type."""
-    info, where = model.info, model.path.name
-    problems = []
-    if recipe.source.sha256 and recipe.source.sha256 != model.sha256:
-        problems.append(f"sha256 is {model.sha256}, the recipe pins {recipe.source.sha256}")
-    if recipe.mtp_require and info.nextn.layers == 0:
-        problems.append(f"has no NextN/MTP block ({info.arch}.nextn_predict_layers is absent or 0)")
-    elif recipe.mtp_require and not info.nextn.complete:
-        problems.append(f"NextN block incomplete, missing {', '.join(info.nextn.missing[:6])}")
-    e = recipe.expect
-    if e.arch and e.arch != info.arch:
-        problems.append(f"architecture is {info.arch}, the recipe expects {e.arch}")
-    if e.main_layers is not None and e.main_layers != info.n_layer:
-        problems.append(f"has {info.n_layer} main layers, the recipe expects {e.main_layers}")
-    if e.nextn_layers is not None and e.nextn_layers != info.nextn.layers:
-        problems.append(f"has {info.nextn.layers} NextN layer(s), the recipe expects {e.nextn_layers}")
-    quantized = sorted({t.type for t in info.tensors if len(t.shape) >= 2} - set(QUANTIZABLE_SOURCE_TYPES))
-    if quantized:
-        problems.append(f"is already quantized ({', '.join(quantized)}); llama-quantize refuses to requantize")
+def expect_problems(recipe: Recipe, arch: str | None, main_layers: int | None, nextn_layers: int | None,
+                    nextn_field: str | None = None) -> list[str]:
+    """What about a source's architecture and layer counts contradicts `expect:` and `mtp.require` (None: unknown,
+    not checked). Shared by the local check and the early checks of Hugging Face headers and configs."""
+    e, problems = recipe.expect, []
+    if recipe.mtp_require and nextn_layers == 0:
+        problems.append(f"has no NextN/MTP block ({nextn_field or f'{arch}.nextn_predict_layers'} is absent or 0)")
+    if e.arch and arch is not None and e.arch != arch:
+        problems.append(f"architecture is {arch}, the recipe expects {e.arch}")
+    if e.main_layers is not None and main_layers is not None and e.main_layers != main_layers:
+        problems.append(f"has {main_layers} main layers, the recipe expects {e.main_layers}")
+    if e.nextn_layers is not None and nextn_layers is not None and e.nextn_layers != nextn_layers:
+        problems.append(f"has {nextn_layers} NextN layer(s), the recipe expects {e.nextn_layers}")
+    return problems
+
+
+def raise_problems(where: str, problems: list[str]) -> None:
     if problems:
         hint = "mtp.require: false builds without a draft head" if "NextN" in problems[0] else \
             "check the recipe's source and expect fields"
         raise MtpquantError(f"source {where}: " + "; ".join(problems), hint)
+
+
+def check(recipe: Recipe, model: SourceModel) -> None:
+    """The source matches what the recipe expects: sha256 pin, MTP block, architecture, layer counts, type."""
+    info = model.info
+    problems = []
+    if recipe.source.sha256 and recipe.source.sha256 != model.sha256:
+        problems.append(f"sha256 is {model.sha256}, the recipe pins {recipe.source.sha256}")
+    problems += expect_problems(recipe, info.arch, info.n_layer, info.nextn.layers)
+    if recipe.mtp_require and info.nextn.layers and not info.nextn.complete:
+        problems.append(f"NextN block incomplete, missing {', '.join(info.nextn.missing[:6])}")
+    quantized = sorted({t.type for t in info.tensors if len(t.shape) >= 2} - set(QUANTIZABLE_SOURCE_TYPES))
+    if quantized:
+        problems.append(f"is already quantized ({', '.join(quantized)}); llama-quantize refuses to requantize")
+    raise_problems(model.path.name, problems)
 
 
 def free_bytes(folder: Path) -> int:

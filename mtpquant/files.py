@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-CHUNK = 8 << 20
+CHUNK = 4 << 20
 
 
 def incomplete_path(final: Path) -> Path:
@@ -42,11 +42,13 @@ def write_json_atomic(final: Path, data) -> None:
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
     """sha256 of a file, read in chunks; `progress(n)` is called with each chunk's size."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    buf = bytearray(CHUNK)  # one reused buffer: memory stays flat whatever the file size
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
             if progress:
-                progress(len(chunk))
+                progress(n)
     return h.hexdigest()
 
 

@@ -408,75 +408,35 @@ def _evict(pointer: Path) -> None:
 # ----------------------------------------------------------------------------------------------- header peek
 
 PEEK_LIMIT = 64 << 20  # the metadata of a 248k-token vocabulary is ~10 MiB; never read further than this
-_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-_GGUF_INT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
 
 
-class _RangeReader:
-    """Sequential reads over a remote file, fetched in growing byte ranges."""
+def read_gguf_header(fetch) -> dict:
+    """architecture, block_count and nextn_predict_layers of a remote GGUF, reading byte ranges only as far as
+    needed. `fetch(offset, size) -> bytes`; the fields are parsed by inspect's own header reader."""
+    from mtpquant.inspect import Cursor, iter_metadata
 
-    def __init__(self, fetch):
-        self.fetch = fetch  # (offset, size) -> bytes
-        self.buf = bytearray()
-        self.pos = 0
+    buf = bytearray()
 
-    def read(self, n: int) -> bytes:
-        while self.pos + n > len(self.buf):
-            if len(self.buf) >= PEEK_LIMIT:
+    def grow(needed: int) -> bool:
+        while len(buf) < needed:
+            if len(buf) >= PEEK_LIMIT:
                 raise EOFError("metadata larger than the peek limit")
-            more = self.fetch(len(self.buf), min(max(len(self.buf), 1 << 20), PEEK_LIMIT - len(self.buf)))
+            more = fetch(len(buf), min(max(len(buf), 1 << 20), PEEK_LIMIT - len(buf)))
             if not more:
-                raise EOFError("file ends inside its metadata")
-            self.buf += more
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return out
+                return False
+            buf.extend(more)
+            cursor.size = len(buf)
+        return True
 
-    def number(self, fmt: str) -> int:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.read(self.number("<Q")).decode("utf-8", errors="replace")
-
-
-def _gguf_value(r: _RangeReader, vtype: int, keep: bool):
-    if vtype in _GGUF_INT:
-        return r.number(_GGUF_INT[vtype])
-    if vtype == 8:
-        return r.string() if keep else r.read(r.number("<Q"))
-    if vtype == 9:
-        item, count = r.number("<I"), r.number("<Q")
-        if item in _GGUF_FIXED:
-            r.read(_GGUF_FIXED[item] * count)
-        else:
-            for _ in range(count):
-                _gguf_value(r, item, False)
-        return None
-    if vtype in _GGUF_FIXED:
-        return r.read(_GGUF_FIXED[vtype])
-    raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def read_gguf_header(read: _RangeReader) -> dict:
-    """architecture, block_count and nextn_predict_layers from a GGUF's metadata, reading no further than needed."""
-    if read.read(4) != b"GGUF":
-        raise ValueError("not a GGUF file")
-    read.number("<I")  # version
-    read.number("<Q")  # tensor count
-    n_kv = read.number("<Q")
+    cursor = Cursor(buf, 0, grow)
     found: dict = {}
-    for _ in range(n_kv):
-        key = read.string()
-        vtype = read.number("<I")
+    items = iter_metadata(cursor)
+    next(items)
+    for key, value in items:
+        found[key] = value
         arch = found.get("general.architecture")
-        wanted = key == "general.architecture" or (arch and key in (f"{arch}.block_count",
-                                                                      f"{arch}.nextn_predict_layers"))
-        value = _gguf_value(read, vtype, bool(wanted))
-        if wanted:
-            found[key] = value
-            arch = found.get("general.architecture")
-            if arch and f"{arch}.block_count" in found and f"{arch}.nextn_predict_layers" in found:
-                break
+        if arch and f"{arch}.block_count" in found and f"{arch}.nextn_predict_layers" in found:
+            break
     arch = found.get("general.architecture")
     return {"arch": arch, "block_count": found.get(f"{arch}.block_count"),
             "nextn_layers": found.get(f"{arch}.nextn_predict_layers", 0)}
@@ -504,7 +464,7 @@ def peek_gguf(snap: Snapshot, f: HubFile, cfg: HubSettings) -> dict | None:
         return r.content
 
     try:
-        return read_gguf_header(_RangeReader(fetch))
+        return read_gguf_header(fetch)
     except Exception as exc:  # any failure only skips the early check
         log.info("could not read the header of %s ahead of the download: %s", f.name, exc)
         return None

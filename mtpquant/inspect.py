@@ -137,7 +137,6 @@ class Header:
     """A GGUF header read directly: every key (long arrays as LongArray) and every tensor's place."""
 
     path: Path
-    version: int
     fields: dict
     tensors: tuple[RawTensor, ...]
     data_offset: int
@@ -149,32 +148,35 @@ MAX_DECODED_STRINGS = 64
 MAX_DECODED_NUMBERS = 4096
 
 
-class _Cursor:
-    def __init__(self, buf, size: int):
-        self.buf, self.pos, self.size = buf, 0, size
+class Cursor:
+    """Sequential reads of GGUF header fields from a buffer (an mmap, or a bytearray that `grow` extends, e.g. with
+    HTTP byte ranges)."""
+
+    def __init__(self, buf, size: int, grow=None):
+        self.buf, self.pos, self.size, self.grow = buf, 0, size, grow
+
+    def need(self, n: int) -> None:
+        while self.pos + n > self.size:
+            if self.grow is None or not self.grow(self.pos + n):
+                raise EOFError(f"header ends early at byte {self.size}")
 
     def take(self, fmt: str):
         n = struct.calcsize(fmt)
-        if self.pos + n > self.size:
-            raise EOFError(f"header ends early at byte {self.size}")
+        self.need(n)
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += n
         return v
 
     def string(self) -> str:
         n = self.take("<Q")
-        if self.pos + n > self.size:
-            raise EOFError(f"header ends early at byte {self.size}")
+        self.need(n)
         v = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return v
 
-    def skip_strings(self, count: int) -> None:
-        for _ in range(count):
-            n = struct.unpack_from("<Q", self.buf, self.pos)[0] if self.pos + 8 <= self.size else None
-            if n is None or self.pos + 8 + n > self.size:
-                raise EOFError(f"header ends early at byte {self.size}")
-            self.pos += 8 + n
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.pos += n
 
     def value(self, vtype: int):
         if vtype in _SCALARS:
@@ -185,19 +187,35 @@ class _Cursor:
             etype, count = self.take("<I"), self.take("<Q")
             if etype == _STRING:
                 if count > MAX_DECODED_STRINGS:
-                    self.skip_strings(count)
+                    for _ in range(count):
+                        self.skip(self.take("<Q"))
                     return LongArray(etype, count)
                 return [self.string() for _ in range(count)]
             if etype not in _SCALARS:
                 raise ValueError(f"unsupported array element type {etype}")
             width = struct.calcsize(_SCALARS[etype])
-            if self.pos + width * count > self.size:
-                raise EOFError(f"header ends early at byte {self.size}")
             if count > MAX_DECODED_NUMBERS:
-                self.pos += width * count
+                self.skip(width * count)
                 return LongArray(etype, count)
+            self.need(width * count)
             return [self.take(_SCALARS[etype]) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def iter_metadata(c: Cursor):
+    """(n_tensors, then each (key, value)) from the start of a GGUF header; stop whenever you have enough."""
+    if c.take("<4s") != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version = c.take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+    if n_tensors > 10_000_000 or n_kv > 10_000_000:
+        raise ValueError("implausible tensor or key count")
+    yield n_tensors
+    for _ in range(n_kv):
+        key = c.string()
+        yield key, c.value(c.take("<I"))
 
 
 def read_header(path: Path) -> Header:
@@ -222,18 +240,10 @@ def read_header(path: Path) -> Header:
 
 
 def _parse(path: Path, buf, size: int) -> Header:
-    c = _Cursor(buf, size)
-    c.pos = 4
-    version = c.take("<I")
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    n_tensors, n_kv = c.take("<Q"), c.take("<Q")
-    if n_tensors > 10_000_000 or n_kv > 10_000_000:
-        raise ValueError("implausible tensor or key count")
-    fields = {}
-    for _ in range(n_kv):
-        key = c.string()
-        fields[key] = c.value(c.take("<I"))
+    c = Cursor(buf, size)
+    items = iter_metadata(c)
+    n_tensors = next(items)
+    fields = dict(items)
     infos = []
     for _ in range(n_tensors):
         name = c.string()
@@ -256,7 +266,7 @@ def _parse(path: Path, buf, size: int) -> Header:
         if start + nbytes > size:
             raise EOFError(f"tensor {name} ends at byte {start + nbytes}, file has {size}")
         tensors.append(RawTensor(name, ttype, shape, n, nbytes, start))
-    return Header(path, version, fields, tuple(tensors), data_offset)
+    return Header(path, fields, tuple(tensors), data_offset)
 
 
 def open_reader(path: Path) -> Header:

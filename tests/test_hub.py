@@ -345,7 +345,7 @@ def test_the_header_peek_reads_what_inspect_reads(tmp_path, synthetic):
         return data[offset:offset + size]
 
     info = read_model(synthetic["shards"][0])
-    assert hubm.read_gguf_header(hubm._RangeReader(fetch)) == {
+    assert hubm.read_gguf_header(fetch) == {
         "arch": info.arch, "block_count": info.block_count, "nextn_layers": info.nextn.layers}
     assert asked == [(0, 1 << 20)]
 
@@ -366,7 +366,7 @@ def test_the_header_peek_reads_through_arrays_when_there_is_no_nextn_key(tmp_pat
     writer.write_tensors_to_file()
     writer.close()
     data = path.read_bytes()
-    header = hubm.read_gguf_header(hubm._RangeReader(lambda offset, size: data[offset:offset + size]))
+    header = hubm.read_gguf_header(lambda offset, size: data[offset:offset + size])
     assert header == {"arch": "qwen35moe", "block_count": 3, "nextn_layers": 0}
 
 

@@ -148,6 +148,19 @@ MAX_DECODED_STRINGS = 64
 MAX_DECODED_NUMBERS = 4096
 
 
+def n_elements(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def type_bytes(shape: tuple[int, ...], ggml_type: str) -> int:
+    """Bytes of a tensor of this shape stored as this ggml type."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    return n_elements(shape) // block * size
+
+
 class Cursor:
     """Sequential reads of GGUF header fields from a buffer (an mmap, or a bytearray that `grow` extends, e.g. with
     HTTP byte ranges)."""
@@ -256,12 +269,8 @@ def _parse(path: Path, buf, size: int) -> Header:
     data_offset = (c.pos + align - 1) // align * align
     tensors = []
     for name, shape, ttype, offset in infos:
-        qt = gguf.GGMLQuantizationType(ttype)
-        block, type_size = gguf.GGML_QUANT_SIZES[qt]
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n // block * type_size
+        n = n_elements(shape)
+        nbytes = type_bytes(shape, gguf.GGMLQuantizationType(ttype).name)
         start = data_offset + offset
         if start + nbytes > size:
             raise EOFError(f"tensor {name} ends at byte {start + nbytes}, file has {size}")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mtpquant.errors import MtpquantError
 from mtpquant.files import write_text_atomic
-from mtpquant.inspect import ModelInfo
-from mtpquant.policy import Assignment, needs_imatrix, override_line, resolve, type_bytes
+from mtpquant.inspect import ModelInfo, n_elements, type_bytes
+from mtpquant.policy import Assignment, needs_imatrix, override_line, resolve
 from mtpquant.procs import run_tool
 from mtpquant.recipe import Rule, Variant
 from mtpquant.toolchain import Toolchain
@@ -47,13 +47,7 @@ class VariantPlan:
 
     @property
     def bits_per_weight(self) -> float:
-        n = 0
-        for t in self.tensors:
-            k = 1
-            for d in t.shape:
-                k *= d
-            n += k
-        return 8.0 * self.total_bytes / max(1, n)
+        return 8.0 * self.total_bytes / max(1, sum(n_elements(t.shape) for t in self.tensors))
 
     def types(self) -> dict[str, str]:
         return {t.name: t.type for t in self.tensors}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import gguf
-
 from mtpquant.inspect import ModelInfo, TensorInfo
 from mtpquant.recipe import Rule
 
@@ -60,16 +58,6 @@ def needs_imatrix(tensor_name: str, ggml_type: str, ftype: str) -> bool:
     if tensor_name.endswith(NEVER_NEEDS_IMATRIX) and tensor_name.split(".")[0] in ("token_embd", "output"):
         return False
     return ggml_type in IMATRIX_REQUIRED or (ftype == "Q2_K_S" and ggml_type == "Q2_K")
-
-
-def type_bytes(shape: tuple[int, ...], ggml_type: str) -> int:
-    """Bytes of a tensor of this shape stored as this ggml type."""
-    qt = gguf.GGMLQuantizationType[ggml_type]
-    block, size = gguf.GGML_QUANT_SIZES[qt]
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * size
 
 
 def override_line(tensor: str, ggml_type: str) -> str:

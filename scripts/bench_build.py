@@ -25,15 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "imatrix" / "codemath-chat-v1.txt"
 EH = r"nextn\.eh_proj\.weight$"
 
-# The child runs one build in-process and reports its own peak RSS (RUSAGE_SELF excludes llama.cpp children).
+# The child runs one build in-process and reports its own peak RSS: VmHWM of its own address space (it excludes
+# llama.cpp's processes, and unlike ru_maxrss it does not carry over the parent's peak through fork + exec).
 CHILD = """
-import json, resource, sys
+import json, re, sys
 from pathlib import Path
 from mtpquant import pipeline, recipe
 from mtpquant.toolchain import locate
 r = recipe.load(Path(sys.argv[1]))
 pipeline.build(r, Path(sys.argv[2]), locate(), force=True)
-print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+hwm = re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)
+print(json.dumps({"maxrss_kib": int(hwm)}))
 """
 
 

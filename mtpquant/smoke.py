@@ -1,6 +1,7 @@
 """MTP smoke run: one GGUF in llama-server, speculation off vs draft-mtp at each k, prompt suite x seeds.
 
-Figures (per category and overall, each with a 95% bootstrap CI over prompt x seed units):
+Figures (per category and overall, each with a 95% bootstrap CI that resamples prompts, all seeds of a prompt
+together):
   acceptance   = sum(draft_n_accepted) / sum(draft_n)   (a response without draft_n made 0 drafts)
   mean accepted length = sum(draft_n_accepted) / sum(verification steps)   (steps from /metrics deltas)
   tok/s        = mean of timings.predicted_per_second
@@ -49,7 +50,8 @@ NOTES = (
     ("Per-request speculative fields are never sent: this llama-server ignores them. Every speculative setting is "
      "on the server command line recorded under 'servers'."),
     "speedup = geometric mean over prompt x seed units of (MTP tok/s / vanilla tok/s) for the same prompt and seed.",
-    "95% CIs: percentile bootstrap over prompt x seed units, resampled with numpy.",
+    "95% CIs: percentile bootstrap resampling prompts (all seeds of a prompt together: at temperature 0 they are "
+    "replicates, not independent draws), with numpy.",
     "Each server first answers one warm-up request that is not counted.",
 )
 
@@ -172,6 +174,23 @@ def geomean_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.exp(np.mean(np.log(num) - np.log(den), axis=-1))
 
 
+def _geomean(x: np.ndarray) -> float:
+    return float(np.exp(np.mean(np.log(x))))
+
+
+# How each statistic folds the units of one cluster (one prompt's seeds) into one unit without changing its value
+# when clusters are the same size: sums stay sums, means become means, geometric means geometric means.
+_COLLAPSE = {ratio_of_sums: np.sum, mean: np.mean, geomean_ratio: _geomean}
+
+
+def by_cluster(stat: Stat, arrays: Sequence[np.ndarray], clusters: Sequence) -> list[np.ndarray]:
+    """The arrays with the units of each cluster folded into one (for a bootstrap over clusters)."""
+    fold = _COLLAPSE[stat]
+    keys = list(dict.fromkeys(clusters))
+    where = {k: [i for i, c in enumerate(clusters) if c == k] for k in keys}
+    return [np.array([fold(np.asarray(a, dtype=float)[where[k]]) for k in keys]) for a in arrays]
+
+
 def bootstrap_ci(stat: Stat, arrays: Sequence[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> tuple[float, float] | None:
     """Percentile bootstrap CI of stat(*arrays), resampling the units (the last axis) jointly with replacement.
@@ -191,13 +210,17 @@ def bootstrap_ci(stat: Stat, arrays: Sequence[np.ndarray], resamples: int = BOOT
     return float(lo), float(hi)
 
 
-def figure(stat: Stat, arrays: Sequence[np.ndarray], digits: int = 4) -> dict:
-    """{"value", "ci95"}: the statistic on all units and its bootstrap CI (None where undefined)."""
+def figure(stat: Stat, arrays: Sequence[np.ndarray], digits: int = 4, clusters: Sequence | None = None) -> dict:
+    """{"value", "ci95"}: the statistic on all units and its bootstrap CI (None where undefined).
+
+    With `clusters` (the prompt of each unit) the bootstrap resamples whole clusters: at temperature 0 a prompt's
+    seeds are replicates, not independent draws, and treating them as such would narrow the CI.
+    """
     arrs = [np.asarray(a, dtype=float) for a in arrays]
     if arrs[0].size == 0:
         return {"value": None, "ci95": None}
     v = float(stat(*arrs))
-    ci = bootstrap_ci(stat, arrs)
+    ci = bootstrap_ci(stat, by_cluster(stat, arrs, clusters) if clusters is not None else arrs)
     return {"value": _r(v, digits), "ci95": [_r(ci[0], digits), _r(ci[1], digits)] if ci else None}
 
 
@@ -290,16 +313,18 @@ def _mtp_group(pairs: Sequence[tuple[dict, dict]]) -> dict:
     d, a = _arr(mtp, "draft_n"), _arr(mtp, "draft_n_accepted")
     steps_known = all(m["draft_steps"] is not None for m in mtp)
     differs = sum(1 for v, m in pairs if v["text"] != m["text"])
+    prompts = [m["prompt"] for m in mtp]
     out = {
         "units": len(pairs),
+        "prompts": len(set(prompts)),
         "draft_n": int(d.sum()), "draft_n_accepted": int(a.sum()),
         "draft_steps": int(sum(m["draft_steps"] for m in mtp)) if steps_known else None,
-        "acceptance": figure(ratio_of_sums, (a, d)),
-        "mean_accepted_length": figure(ratio_of_sums, (a, _arr(mtp, "draft_steps"))) if steps_known
-        else {"value": None, "ci95": None},
-        "tok_s": figure(mean, (_tps(mtp),), 2),
-        "vanilla_tok_s": figure(mean, (_tps(van),), 2),
-        "speedup": figure(geomean_ratio, (_tps(mtp), _tps(van))),
+        "acceptance": figure(ratio_of_sums, (a, d), clusters=prompts),
+        "mean_accepted_length": figure(ratio_of_sums, (a, _arr(mtp, "draft_steps")), clusters=prompts)
+        if steps_known else {"value": None, "ci95": None},
+        "tok_s": figure(mean, (_tps(mtp),), 2, clusters=prompts),
+        "vanilla_tok_s": figure(mean, (_tps(van),), 2, clusters=prompts),
+        "speedup": figure(geomean_ratio, (_tps(mtp), _tps(van)), clusters=prompts),
         "differs_from_vanilla": {"count": differs, "of": len(pairs), "share": _r(differs / len(pairs)) if pairs
                                  else None},
     }
@@ -325,7 +350,7 @@ def _groups(pairs: Sequence[tuple[dict, dict]], seeds: Sequence[int]) -> dict:
 
 
 def _vanilla_group(recs: Sequence[dict]) -> dict:
-    return {"units": len(recs), "tok_s": figure(mean, (_tps(recs),), 2)}
+    return {"units": len(recs), "tok_s": figure(mean, (_tps(recs),), 2, clusters=[r["prompt"] for r in recs])}
 
 
 def summarize(runs: Sequence[dict], ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str]) -> dict:
@@ -417,7 +442,7 @@ def smoke_model(tc: Toolchain, gguf: Path, spec: SmokeSpec, log_dir: Path, progr
             "warmup": {"endpoint": CHAT, "body": warm},
             "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "rng": "numpy.random.default_rng",
                           "rng_seed": BOOTSTRAP_SEED, "interval": "percentile", "level": LEVEL,
-                          "unit": "prompt x seed"},
+                          "unit": "prompt (its seeds resampled together)"},
             "spec": spec_json(spec), "spec_source": spec_source,
         },
         "servers": server_recs,

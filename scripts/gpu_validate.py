@@ -20,6 +20,7 @@ toolchain cache /root/mtpq-cache) so that a later call on a warm machine picks u
   ci         the smoke itself (mtpquant.smoke.smoke_model) at k=4, 0.76 accepted/drafted forced, many prompt x seed
              units: how the acceptance CI half-width shrinks with units, and the wall time a +-1 pp CI needs
   default    vanilla and k=4 at the server's default sampling (no sampling fields in the request)
+  sampling   k=4 all-accepted / all-rejected and vanilla with and without -bs (GPU sampling), llama-bench -r 20
 
 Subcommands:
   supervise  (on the GPU machine, from the repo root) start the runner in its own session if it is not running or
@@ -27,6 +28,8 @@ Subcommands:
   run        the runner itself (phases in order; a finished phase is skipped)
   synth      generate one model (used by the runner)
   table      print the markdown tables of a results folder
+
+Results and how to read them: docs/benchmarks.md (raw outputs of the H100 runs: benchmarks/h100-2026-11-23/).
 
 Local check without a GPU (CPU build, tiny model):
   python scripts/gpu_validate.py run --state /tmp/gv --llama-cpp /tmp/llb/build/bin --shape tiny --quick
@@ -112,7 +115,9 @@ class Cfg:
     quick: bool = False
     gpu_layers: int = 999
     phases: tuple[str, ...] = ("env", "models", "toolchain", "build-random", "bench", "sweep", "build-designed",
-                               "ci", "default")
+                               "ci", "default", "sampling")
+    ks_override: tuple[int, ...] | None = None
+    ci_max_tokens: int | None = None
 
     @property
     def results(self) -> Path:
@@ -129,11 +134,12 @@ class Cfg:
 
     @property
     def ci_units(self) -> tuple[int, tuple[int, ...], int]:
-        return (6, (42, 1337), 24) if self.quick else (30, (42, 1337), 64)
+        n_p, seeds, tokens = (6, (42, 1337), 24) if self.quick else (30, (42, 1337), 64)
+        return n_p, seeds, self.ci_max_tokens or tokens
 
     @property
     def ks(self) -> tuple[int, ...]:
-        return (1, 2, 4) if self.quick else KS
+        return self.ks_override or ((1, 2, 4) if self.quick else KS)
 
 
 def env_for(cfg: Cfg) -> dict:
@@ -360,7 +366,7 @@ class Runner:
         lay = self.layout()
         Path(lay["source_dir"]).mkdir(parents=True, exist_ok=True)
         self.start_synth("random")
-        if lay["parallel"]:
+        if lay["parallel"] and "build-designed" in self.cfg.phases:
             self.start_synth("designed")
         specs = {k: param_counts(model_spec(self.cfg, k, lay["n_expert"])) for k in ("random", "designed")}
         self.save("models", {"layout": lay, "params": specs, "started": now(),
@@ -504,7 +510,7 @@ class Runner:
     def phase_build_random(self) -> None:
         self.build("random")
         lay = self.layout()
-        if not lay["parallel"]:  # make room for the designed model's source, then generate it
+        if not lay["parallel"] and "build-designed" in self.cfg.phases:  # make room, then generate it
             self.source_path("random").unlink(missing_ok=True)
             self.start_synth("designed")
 
@@ -668,6 +674,36 @@ class Runner:
                            "default_generation_settings in the server log); 'designed_greedy' repeats the "
                            "designed pair greedy on the same units for comparison")
         self.save("default", out)
+
+    def phase_sampling(self) -> None:
+        """Is the extra cost of accepted tokens the target's CPU sampling over 248k logits? Re-run k=4 all-accepted
+        and all-rejected, and vanilla, with and without -bs (--backend-sampling: sampling on the GPU)."""
+        model = self.q4_path("random")
+        n_p, seeds, max_tokens = self.cfg.sweep_units
+        reqs, warm = self.requests(n_p, seeds, max_tokens)
+        k = 4 if 4 in self.cfg.ks else self.cfg.ks[-1]
+        out = {}
+        for bs in ([], ["-bs"]):
+            tag = "bs" if bs else "cpu"
+            van = self.measure(model, f"sampling-{tag}-vanilla", None, bs, reqs, warm)
+            vmap = {(r["prompt"], r["seed"]): r for r in van["runs"]}
+            out[f"{tag}-vanilla"] = vanilla_figs(van["runs"])
+            for level, rate in (("all", "1"), ("none", "0")):
+                m = self.measure(model, f"sampling-{tag}-k{k}-{level}", k, bs + ["--spec-synth-rates",
+                                                                                  ",".join([rate] * k)], reqs, warm)
+                out[f"{tag}-k{k}-{level}"] = config_figs(vmap, m)
+        binary = self.bench_binary()
+        argv = [str(binary), "-m", str(model), "-ngl", str(self.cfg.gpu_layers), "-p", "1,2,5,9", "-n", "128",
+                "-r", "20", "-o", "json"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        try:
+            rows = json.loads(proc.stdout)
+        except ValueError:
+            rows = []
+        out["bench_r20"] = {"command": " ".join(["llama-bench", *argv[1:]]).replace(str(model), model.name),
+                            "rows": [{k2: r.get(k2) for k2 in ("n_prompt", "n_gen", "avg_ns", "stddev_ns", "avg_ts",
+                                                               "stddev_ts", "samples_ns")} for r in rows]}
+        self.save("sampling", out)
 
     # -- the smoke's own cost
     def phase_ci(self) -> None:
@@ -835,11 +871,35 @@ def ci_analysis(runs: list[dict], k: int, wall: float, servers: list[dict]) -> d
            "wall_per_unit_seconds": {"vanilla": r4(van_wall), "mtp": r4(mtp_wall)},
            "server_startup_seconds": r4(startup), "measured_smoke_wall_seconds": r4(wall),
            "tokens_per_request": int(np.mean([r["timings"]["predicted_n"] for r in mtp])) if mtp else None}
+    # the same from the largest sample alone (hw_N * sqrt(N / n)): the small subsets flatten the fitted slope
+    n_big, hw_big = good[-1] if good else (None, None)
+    if hw_big:
+        n_a = math.ceil(n_big * hw_big ** 2)
+        out["anchor"] = {"units": n_big, "half_width_pp": hw_big, "units_for_1pp": n_a,
+                         "drafted_tokens_for_1pp": int(d.sum() / n_all * n_a),
+                         "seconds_for_1pp_one_k": r4(n_a * per_unit + fixed),
+                         "seconds_for_1pp_four_k": r4(n_a * (van_wall + 4 * mtp_wall) + fixed * 2.5)}
     if n_1pp:
         out["seconds_for_1pp_one_k"] = r4(n_1pp * per_unit + fixed)
         out["seconds_for_1pp_four_k"] = r4(n_1pp * (van_wall + 4 * mtp_wall) + fixed * 2.5)
         out["half_width_pp_at_150_units"] = r4(c / math.sqrt(150))
     return out
+
+
+def ci_anchor(ci: dict) -> dict:
+    """ci_analysis's 'anchor' block from a stored ci.json (its rows and compact runs)."""
+    a = ci["analysis"]
+    row = [r for r in a["rows"] if r.get("half_width_pp")][-1]
+    mtp = [r for r in ci["runs"] if r.get("draft_n")]
+    van = [r for r in ci["runs"] if not r.get("draft_n")]
+    n_a = math.ceil(row["units"] * row["half_width_pp"] ** 2)
+    vw = a["wall_per_unit_seconds"]["vanilla"]
+    mw = a["wall_per_unit_seconds"]["mtp"]
+    fixed = (a.get("server_startup_seconds") or 0) + 2.0
+    return {"units": row["units"], "half_width_pp": row["half_width_pp"], "units_for_1pp": n_a,
+            "drafted_tokens_for_1pp": int(sum(r["draft_n"] for r in mtp) / max(len(mtp), 1) * n_a),
+            "seconds_for_1pp_one_k": r4(n_a * (vw + mw) + fixed),
+            "seconds_for_1pp_four_k": r4(n_a * (vw + 4 * mw) + fixed * 2.5), "vanilla_units": len(van)}
 
 
 def _grep(path: Path, needle: str) -> str | None:
@@ -891,14 +951,17 @@ def compact_smoke(s: dict) -> dict:
 def collect(results: Path) -> dict:
     out = {"at": now()}
     for name in ("env", "layout", "models", "toolchain", "build-random", "build-designed", "bench", "sweep",
-                 "default", "ci"):
+                 "default", "ci", "sampling"):
         d = read_json(results / f"{name}.json")
         if d is not None:
             out[name] = d
         e = read_json(results / f"{name}.error.json")
         if e is not None:
             out.setdefault("errors", {})[name] = {k: e.get(k) for k in ("error", "at")}
-    for k in ("default", "ci"):
+    ci = out.get("ci")
+    if isinstance(ci, dict) and ci.get("analysis") and "anchor" not in ci["analysis"] and ci.get("runs"):
+        ci["analysis"]["anchor"] = ci_anchor(ci)  # results written before the anchor existed
+    for k in ("default", "ci", "sampling"):
         for sub in ("runs", "vanilla_runs"):
             if isinstance(out.get(k), dict):
                 out[k].pop(sub, None)
@@ -937,10 +1000,21 @@ def speed_model(s: dict) -> dict:
         ks = sorted(step)
         b, a = np.polyfit(ks, [step[k] for k in ks], 1)
         fit = {"fixed_ms": r4(a), "per_draft_token_ms": r4(b)}
-    pp = {}
-    for r in (s.get("bench") or {}).get("rows", []):
-        if r.get("n_gen") == 0 and r.get("n_prompt"):
-            pp[r["n_prompt"]] = r["avg_ns"] / 1e6
+    pp = {}  # llama-bench pp(n) in ms: the median of its samples (the first sample of each test is cold)
+    for rows in ((s.get("bench") or {}).get("rows", []), ((s.get("sampling") or {}).get("bench_r20") or {})
+                 .get("rows", [])):
+        for r in rows:
+            if r.get("n_gen") == 0 and r.get("n_prompt"):
+                pp[r["n_prompt"]] = _median(r.get("samples_ns") or [r["avg_ns"]]) / 1e6
+    # second term: cost per accepted draft token (target sampling over the vocabulary on the CPU, bookkeeping),
+    # fitted over every forced config: ms_per_step - step(k) = s * (tokens_per_step - 1)
+    xs, ys = [], []
+    for d in sw.values():
+        k = d.get("k")
+        if k in step and d.get("ms_per_step") and d.get("tokens_per_step") and d["tokens_per_step"] > 1.05:
+            xs.append(d["tokens_per_step"] - 1)
+            ys.append(d["ms_per_step"] - step[k])
+    per_accepted = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs) if xs else None
     rows = {}
     for label, d in sw.items():
         k = d.get("k")
@@ -952,6 +1026,8 @@ def speed_model(s: dict) -> dict:
         ideal = e_model * c_v / step[k]
         rows[label] = {"E_model": r4(e_model), "E_measured": e_meas, "step_ms": step[k],
                        "ideal_speedup": r4(ideal),
+                       "model2_speedup": r4(e_model * c_v / (step[k] + per_accepted * (e_model - 1)))
+                       if per_accepted is not None else None,
                        "ideal_speedup_measured_E": r4(e_meas * c_v / step[k]) if e_meas else None,
                        "measured_speedup": (d.get("speedup") or {}).get("value"),
                        "verify_ms_llama_bench_pp": r4(pp.get(k + 1)),
@@ -963,9 +1039,19 @@ def speed_model(s: dict) -> dict:
         if k in step and e_meas:
             rows[f"designed-k{k}"] = {"E_measured": e_meas, "step_ms": step[k],
                                       "ideal_speedup_measured_E": r4(e_meas * c_v / step[k]),
+                                      "model2_speedup": r4(e_meas * c_v / (step[k] + per_accepted * (e_meas - 1)))
+                                      if per_accepted is not None else None,
                                       "measured_speedup": (g.get("speedup") or {}).get("value"),
                                       "note": "step cost and vanilla cost taken from the random model (same shape)"}
-    return {"vanilla_ms_per_token": c_v, "step_ms_all_rejected": step, "linear_fit": fit, "rows": rows}
+    return {"vanilla_ms_per_token": c_v, "step_ms_all_rejected": step, "linear_fit": fit,
+            "ms_per_accepted_token": r4(per_accepted), "llama_bench_pp_ms_median": {n: r4(v) for n, v in pp.items()},
+            "rows": rows}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def _fig(f, fmt=".1f", pct=False):
@@ -1041,6 +1127,11 @@ def tables(s: dict) -> str:
         lines += ["", f"CI study: hw ≈ {ci.get('c_pp_sqrt_units')} pp/√units (slope {ci.get('fitted_slope')}); "
                       f"±1 pp needs {ci.get('units_for_1pp')} units ≈ {ci.get('seconds_for_1pp_one_k')} s (one k), "
                       f"{ci.get('seconds_for_1pp_four_k')} s (four k)"]
+        if ci.get("anchor"):
+            a = ci["anchor"]
+            lines.append(f"  from the {a['units']}-unit sample alone: ±1 pp needs {a['units_for_1pp']} units "
+                         f"({a['drafted_tokens_for_1pp']} drafted tokens) ≈ {a['seconds_for_1pp_one_k']} s (one k), "
+                         f"{a['seconds_for_1pp_four_k']} s (four k)")
         for r in ci["rows"]:
             lines.append(f"  units {r['units']}: ±{r['half_width_pp']} pp")
     de = s.get("default") or {}
@@ -1052,6 +1143,33 @@ def tables(s: dict) -> str:
     if s.get("errors"):
         lines += ["", "Errors: " + json.dumps(s["errors"])]
     return "\n".join(lines) + "\n"
+
+
+def sweep_csv(s: dict) -> str:
+    """One row per sweep server: the forced level, both acceptances, cost per step, measured and modelled speedup."""
+    import csv
+    import io
+
+    sw = s.get("sweep_configs") or {}
+    mf = (s.get("model_fit") or {}).get("rows", {})
+    van = (sw.get("vanilla") or {}).get("tok_s") or {}
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["k", "forced", "server_args", "acceptance_drafted", "acceptance_drafted_ci_lo", "acceptance_drafted_ci_hi",
+                "conditional_per_position_pooled", "tokens_per_step_measured", "tokens_per_step_model", "tok_s",
+                "tok_s_ci_lo", "tok_s_ci_hi", "vanilla_tok_s", "speedup", "speedup_ci_lo", "speedup_ci_hi",
+                "ms_per_token", "ms_per_step", "ideal_speedup", "model2_speedup", "units"])
+    order = {"A76": 0, "B76": 1, "all-accepted": 2, "all-rejected": 3}
+    for label, d in sorted(((k, d) for k, d in sw.items() if not k.startswith("vanilla")),
+                           key=lambda x: (x[1]["k"], order.get(x[1]["level"], 9))):
+        m = mf.get(label, {})
+        a, t, sp = d["acceptance"], d["tok_s"], d["speedup"]
+        w.writerow([d["k"], d["level"], " ".join(d["args"]), a["value"], *(a["ci95"] or [None, None]),
+                    d.get("conditional_acceptance_pooled"), d.get("tokens_per_step"), m.get("E_model"), t["value"],
+                    *(t["ci95"] or [None, None]), (van.get("mean_tok_s") or {}).get("value"), sp["value"],
+                    *(sp["ci95"] or [None, None]), d.get("ms_per_token"), d.get("ms_per_step"), m.get("ideal_speedup"),
+                    m.get("model2_speedup"), d.get("units")])
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- supervise
@@ -1116,6 +1234,9 @@ def prepare_state(state: Path, sdist: Path, wheels: Path) -> None:
     shutil.copytree(pkg, src / "mtpquant", ignore=shutil.ignore_patterns("__pycache__"))
     (src / "SOURCE").write_text(f"mtpquant package copied from {pkg}\n")
     shutil.copytree(REPO / "scripts", src / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    tpl = pkg.parent / "templates" if (pkg.parent / "templates").is_dir() else REPO / "templates"
+    if tpl.is_dir():  # mtpquant.card reads the model-card template from <package>/../templates in a checkout
+        shutil.copytree(tpl, src / "templates")
     (state / "logs").mkdir(parents=True, exist_ok=True)
     if sdist.is_file() and not (state / "sdist" / SDIST_NAME).is_file():
         (state / "sdist").mkdir(parents=True, exist_ok=True)
@@ -1135,7 +1256,9 @@ def pack(state: Path, out: Path) -> None:
         r.summarize()
     except Exception as exc:
         log(f"summary failed: {exc}")
-    for name in ("summary.json", "tables.md"):
+    if (res / "summary.json").is_file():
+        (res / "sweep.csv").write_text(sweep_csv(read_json(res / "summary.json") or {}))
+    for name in ("summary.json", "tables.md", "sweep.csv"):
         if (res / name).is_file():
             shutil.copy2(res / name, out / name)
     with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
@@ -1181,6 +1304,8 @@ def main() -> None:
     r.add_argument("--quick", action="store_true")
     r.add_argument("--phases", default=None, help="comma-separated subset, in order")
     r.add_argument("--gpu-layers", type=int, default=999)
+    r.add_argument("--ks", default=None, help="draft lengths for the sweep, e.g. 4 (default 1,2,3,4,6,8)")
+    r.add_argument("--ci-max-tokens", type=int, default=None, help="tokens per request in the ci phase (64)")
     g = sub.add_parser("synth")
     g.add_argument("--kind", choices=("random", "designed"), required=True)
     g.add_argument("--n-expert", type=int, required=True)
@@ -1189,6 +1314,7 @@ def main() -> None:
     g.add_argument("--shape", default="big")
     t = sub.add_parser("table")
     t.add_argument("results")
+    t.add_argument("--csv", default=None, help="also write the sweep as CSV to this file")
     args = ap.parse_args()
     if args.cmd == "supervise":
         supervise(args)
@@ -1198,6 +1324,8 @@ def main() -> None:
         p = Path(args.results)
         s = read_json(p) if p.is_file() else collect(p)
         print(tables(s))
+        if args.csv:
+            Path(args.csv).write_text(sweep_csv(s))
     else:
         cfg = Cfg(state=Path(args.state), cache=Path(args.cache),
                   sdist=None, llama_cpp=Path(args.llama_cpp) if args.llama_cpp else None,
@@ -1205,6 +1333,9 @@ def main() -> None:
                   n_expert=args.n_expert, quick=args.quick, gpu_layers=args.gpu_layers)
         if args.phases:
             cfg.phases = tuple(args.phases.split(","))
+        if args.ks:
+            cfg.ks_override = tuple(int(x) for x in args.ks.split(","))
+        cfg.ci_max_tokens = args.ci_max_tokens
         sys.path.insert(0, str(REPO))
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         Runner(cfg).run()

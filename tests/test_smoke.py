@@ -313,3 +313,17 @@ def test_cli_bad_inputs(tmp_path):
     assert isinstance(res.exception, UsageError)
     assert res.exception.message == (f"{tmp_path}: no SHA256SUMS (is this a run directory made by "
                                      "`mtpquant build`?)")
+
+
+def test_bootstrap_resamples_prompts_not_replicated_seeds():
+    # 4 prompts x 3 seeds; at temperature 0 a prompt's seeds repeat the same counts
+    accepted = np.repeat([10.0, 20.0, 30.0, 40.0], 3)
+    drafted = np.full(12, 50.0)
+    prompts = np.repeat(["p1", "p2", "p3", "p4"], 3).tolist()
+    clustered = sm.figure(sm.ratio_of_sums, (accepted, drafted), clusters=prompts)
+    per_prompt = sm.figure(sm.ratio_of_sums, ([10.0, 20.0, 30.0, 40.0], [50.0] * 4))
+    naive = sm.figure(sm.ratio_of_sums, (accepted, drafted))
+    assert clustered == per_prompt  # seeds folded into their prompt: the same figure as one unit per prompt
+    assert clustered["value"] == naive["value"] == 0.5
+    width = lambda f: f["ci95"][1] - f["ci95"][0]  # noqa: E731
+    assert width(clustered) > width(naive)  # replicates treated as independent would understate the uncertainty

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -33,6 +33,20 @@ def llama_env(toolchain):
     return env
 
 
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, toolchain) -> dict[str, Path]:
+    """The default synthetic qwen35moe (2 layers + 1 NextN block), BF16 and Q4_K_M by the real llama-quantize."""
+    from mtpquant import synth
+    from mtpquant.procs import run_tool
+
+    d = tmp_path_factory.mktemp("tiny-pair")
+    src = d / "tiny-BF16.gguf"
+    synth.write_gguf(src, synth.SynthSpec(arch="qwen35moe", seed=0))
+    q = d / "tiny-Q4_K_M.gguf"
+    run_tool([toolchain.tool("llama-quantize"), src, q, "Q4_K_M"], log_path=d / "quantize.log")
+    return {"dir": d, "BF16": src, "Q4_K_M": q}
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_servers():
     """No llama-server may outlive a test."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import flip_byte
 from click.testing import CliRunner
 
 from mtpquant import card as cardmod
@@ -42,14 +43,6 @@ def receipt(run: RunDir, name: str) -> dict:
 
 def put_receipt(run: RunDir, name: str, data: dict) -> None:
     (run.receipts / name).write_text(json.dumps(data, indent=2))
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 def verify_error(run: RunDir, **kwargs) -> str:

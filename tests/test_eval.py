@@ -6,38 +6,25 @@ import json
 import os
 import shutil
 import stat
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from mtpquant import eval as ev
-from mtpquant import synth
 from mtpquant.cli import Group
 from mtpquant.cli_fit import eval_ as eval_cmd
 from mtpquant.files import sha256_file
 from mtpquant.procs import run_tool
 from mtpquant.receipts import RunDir
-from mtpquant.source import spec_from_dict
 from mtpquant.toolchain import Toolchain
 
 CTX, CHUNKS = 128, 4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, toolchain) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("eval")
-    src = d / "tiny-BF16.gguf"
-    synth.write_gguf(src, spec_from_dict({"arch": "qwen35moe", "seed": 0}))
-    q = d / "tiny-Q4_K_M.gguf"
-    run_tool([toolchain.tool("llama-quantize"), src, q, "Q4_K_M"], log_path=d / "quantize.log")
-    return {"dir": d, "BF16": src, "Q4_K_M": q}
-
-
-@pytest.fixture(scope="module")
-def base(tiny, toolchain) -> ev.BaseLogits:
-    d = tiny["dir"]
-    return ev.kld_base_info(toolchain, tiny["BF16"], ev.default_text(), CTX, CHUNKS, d / "base.kld", d / "base.log")
+def base(tiny_pair, toolchain) -> ev.BaseLogits:
+    d = tiny_pair["dir"]
+    return ev.kld_base_info(toolchain, tiny_pair["BF16"], ev.default_text(), CTX, CHUNKS, d / "base.kld", d / "base.log")
 
 
 def test_shipped_text_is_there():
@@ -45,8 +32,8 @@ def test_shipped_text_is_there():
     assert ev.default_text().stat().st_size > 10_000
 
 
-def test_kld_and_ppl_of_a_q4_k_m_variant(tiny, base, toolchain, tmp_path):
-    r = ev.eval_variant(toolchain, tiny["BF16"], tiny["Q4_K_M"], base, ev.default_text(), CTX, CHUNKS,
+def test_kld_and_ppl_of_a_q4_k_m_variant(tiny_pair, base, toolchain, tmp_path):
+    r = ev.eval_variant(toolchain, tiny_pair["BF16"], tiny_pair["Q4_K_M"], base, ev.default_text(), CTX, CHUNKS,
                         tmp_path / "eval.log")
     assert r["file"] == "tiny-Q4_K_M.gguf" and r["source"] == "tiny-BF16.gguf"
     assert r["text"] == {"file": "wiki-style-v1.txt", "sha256": sha256_file(ev.default_text())}
@@ -56,7 +43,7 @@ def test_kld_and_ppl_of_a_q4_k_m_variant(tiny, base, toolchain, tmp_path):
     assert r["ppl_base"] > 1 and r["ppl_q"] > 1
     assert r["ppl_ratio"] == pytest.approx(r["ppl_q"] / r["ppl_base"], rel=1e-4)
     assert 0 < r["same_top_share"] <= 1 and r["same_top_share_err"] > 0
-    assert r["commands"]["variant"] == ["llama-perplexity", "-m", str(tiny["Q4_K_M"]), "-f", str(ev.default_text()),
+    assert r["commands"]["variant"] == ["llama-perplexity", "-m", str(tiny_pair["Q4_K_M"]), "-f", str(ev.default_text()),
                                         "-c", "128", "-b", "128", "--chunks", "4", "--kl-divergence-base",
                                         str(base.path), "--kl-divergence"]
     assert r["commands"]["base"][-2:] == ["--kl-divergence-base", str(base.path)]
@@ -64,9 +51,9 @@ def test_kld_and_ppl_of_a_q4_k_m_variant(tiny, base, toolchain, tmp_path):
     json.dumps(r)
 
 
-def test_base_logits_are_reused_for_the_same_key_only(tiny, base, toolchain):
-    d = tiny["dir"]
-    again = ev.kld_base_info(toolchain, tiny["BF16"], ev.default_text(), CTX, CHUNKS, d / "base.kld", d / "base.log")
+def test_base_logits_are_reused_for_the_same_key_only(tiny_pair, base, toolchain):
+    d = tiny_pair["dir"]
+    again = ev.kld_base_info(toolchain, tiny_pair["BF16"], ev.default_text(), CTX, CHUNKS, d / "base.kld", d / "base.log")
     assert again.reused and again.key == base.key
     assert ev.base_key(toolchain, "0" * 64, ev.default_text(), CTX, CHUNKS + 1) != \
         ev.base_key(toolchain, "0" * 64, ev.default_text(), CTX, CHUNKS)
@@ -74,12 +61,12 @@ def test_base_logits_are_reused_for_the_same_key_only(tiny, base, toolchain):
     assert sidecar["key"] == base.key and sidecar["bytes"] == (d / "base.kld").stat().st_size
 
 
-def test_too_few_scored_tokens_is_an_error_although_the_exit_code_is_0(tiny, toolchain, tmp_path):
+def test_too_few_scored_tokens_is_an_error_although_the_exit_code_is_0(tiny_pair, toolchain, tmp_path):
     """One chunk of 128 scores 63 tokens; llama-perplexity prints statistics only from 100 on, and exits 0."""
-    b = ev.kld_base_info(toolchain, tiny["BF16"], ev.default_text(), 128, 1, tmp_path / "b.kld", tmp_path / "b.log")
+    b = ev.kld_base_info(toolchain, tiny_pair["BF16"], ev.default_text(), 128, 1, tmp_path / "b.kld", tmp_path / "b.log")
     log = tmp_path / "q.log"
     with pytest.raises(ev.EvalError) as e:
-        ev.eval_variant(toolchain, tiny["BF16"], tiny["Q4_K_M"], b, ev.default_text(), 128, 1, log)
+        ev.eval_variant(toolchain, tiny_pair["BF16"], tiny_pair["Q4_K_M"], b, ev.default_text(), 128, 1, log)
     assert e.value.one_line() == (
         f"llama-perplexity printed no '====== Perplexity statistics ======' section for tiny-Q4_K_M.gguf "
         f"(exit code 0, 1 run(s)); log: {log} (it prints statistics only for >= 100 scored tokens "
@@ -119,8 +106,8 @@ def test_missing_statistics_with_exit_code_0_is_retried_then_an_error(tmp_path):
     assert log.read_text().count("$ ") == 3
 
 
-def test_statistics_cut_off_midway_are_an_error(tiny, base, toolchain, tmp_path):
-    argv = ev.perplexity_argv(toolchain, tiny["Q4_K_M"], ev.default_text(), CTX, CHUNKS, base.path, True)
+def test_statistics_cut_off_midway_are_an_error(tiny_pair, base, toolchain, tmp_path):
+    argv = ev.perplexity_argv(toolchain, tiny_pair["Q4_K_M"], ev.default_text(), CTX, CHUNKS, base.path, True)
     for _ in range(3):  # the upstream log flush can lose the tail of a run; eval_variant retries the same way
         r = run_tool(argv, log_path=tmp_path / "full.log", env=ev.perplexity_env())
         if "Same top p:" in r.stdout:
@@ -134,19 +121,19 @@ def test_statistics_cut_off_midway_are_an_error(tiny, base, toolchain, tmp_path)
                                   " (its output was cut short; run the step again)")
 
 
-def test_eval_run_writes_receipts_and_skips_unchanged_variants(tiny, toolchain, tmp_path):
+def test_eval_run_writes_receipts_and_skips_unchanged_variants(tiny_pair, toolchain, tmp_path):
     run = RunDir(tmp_path / "run")
     run.ensure()
     (run.root / "source").mkdir()
-    shutil.copy(tiny["BF16"], run.root / "source" / "demo-BF16.gguf")
-    shutil.copy(tiny["Q4_K_M"], run.root / "demo-Q4_K_M.gguf")
-    run.write_receipt("source", {"file": "demo-BF16.gguf", "sha256": sha256_file(tiny["BF16"])})
+    shutil.copy(tiny_pair["BF16"], run.root / "source" / "demo-BF16.gguf")
+    shutil.copy(tiny_pair["Q4_K_M"], run.root / "demo-Q4_K_M.gguf")
+    run.write_receipt("source", {"file": "demo-BF16.gguf", "sha256": sha256_file(tiny_pair["BF16"])})
     run.write_manifest({"name": "demo"})
-    run.write_sha256sums({"demo-Q4_K_M.gguf": sha256_file(tiny["Q4_K_M"])})
+    run.write_sha256sums({"demo-Q4_K_M.gguf": sha256_file(tiny_pair["Q4_K_M"])})
     first = ev.eval_run(toolchain, run.root, ctx=CTX, chunks=CHUNKS)
     receipt = run.read_receipt("eval", "Q4_K_M")
     assert list(first) == ["Q4_K_M"] and receipt["kld_mean"] == first["Q4_K_M"]["kld_mean"]
-    assert receipt["source_sha256"] == sha256_file(tiny["BF16"]) and receipt["variant_sha256"]
+    assert receipt["source_sha256"] == sha256_file(tiny_pair["BF16"]) and receipt["variant_sha256"]
     assert (run.logs / "eval-base.log").is_file() and (run.logs / "eval-Q4_K_M.log").is_file()
     assert len(list((run.work / "eval").glob("base-*.kld"))) == 1
     again = ev.eval_run(toolchain, run.root, ctx=CTX, chunks=CHUNKS)
@@ -159,16 +146,16 @@ def _cli():
     return group
 
 
-def test_cli_eval_of_a_single_gguf_needs_the_source(tiny, llama_env):
-    r = CliRunner().invoke(_cli(), ["eval", str(tiny["Q4_K_M"])], env=llama_env)
+def test_cli_eval_of_a_single_gguf_needs_the_source(tiny_pair, llama_env):
+    r = CliRunner().invoke(_cli(), ["eval", str(tiny_pair["Q4_K_M"])], env=llama_env)
     assert r.exit_code == 2
     assert r.output.strip() == ("error: evaluating a single GGUF needs --source BF16.gguf "
                                 "(give the file it was quantized from)")
 
 
-def test_cli_eval_of_a_single_gguf(tiny, llama_env, tmp_path):
+def test_cli_eval_of_a_single_gguf(tiny_pair, llama_env, tmp_path):
     env = {**llama_env, "MTPQUANT_CACHE": str(tmp_path / "cache")}
-    r = CliRunner().invoke(_cli(), ["eval", str(tiny["Q4_K_M"]), "--source", str(tiny["BF16"]), "--ctx", "128",
+    r = CliRunner().invoke(_cli(), ["eval", str(tiny_pair["Q4_K_M"]), "--source", str(tiny_pair["BF16"]), "--ctx", "128",
                                     "--chunks", "4", "--json"], env=env)
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)

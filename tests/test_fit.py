@@ -15,29 +15,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mtpquant import fit, synth
+from mtpquant import fit
 from mtpquant.cli import Group
 from mtpquant.cli_fit import fit as fit_cmd
 from mtpquant.files import sha256_file
 from mtpquant.inspect import read_model
 from mtpquant.plan import TensorPlan
-from mtpquant.procs import run_tool
 from mtpquant.receipts import RunDir
-from mtpquant.source import spec_from_dict
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, toolchain) -> dict[str, Path]:
-    """The default synthetic qwen35moe (2 layers + 1 NextN block), BF16 and Q4_K_M by the real llama-quantize."""
-    d = tmp_path_factory.mktemp("fit")
-    src = d / "tiny-BF16.gguf"
-    synth.write_gguf(src, spec_from_dict({"arch": "qwen35moe", "seed": 0}))
-    q = d / "tiny-Q4_K_M.gguf"
-    run_tool([toolchain.tool("llama-quantize"), src, q, "Q4_K_M"], log_path=d / "quantize.log")
-    return {"BF16": src, "Q4_K_M": q}
 
 
 # A header-only model shaped like Qwen3.6-35B-A3B (40 + 1 blocks, 256 experts of which 8 are used, every 4th layer
@@ -85,8 +72,8 @@ def _rank(row: dict) -> int:
 
 # ----------------------------------------------------------------------------------------------- table
 
-def test_table_has_a_row_per_gpu_ctx_and_kv_type(tiny):
-    table = fit.fit_table(read_model(tiny["Q4_K_M"]), vram_gb=[12, 16, 24, 32], ctx=[4096, 32768, 131072],
+def test_table_has_a_row_per_gpu_ctx_and_kv_type(tiny_pair):
+    table = fit.fit_table(read_model(tiny_pair["Q4_K_M"]), vram_gb=[12, 16, 24, 32], ctx=[4096, 32768, 131072],
                           kv_types=["f16", "q8_0"])
     assert len(table["rows"]) == 4 * 3 * 2
     assert {(r["vram_gb"], r["ctx"], r["kv_type"]) for r in table["rows"]} == {
@@ -98,8 +85,8 @@ def test_table_has_a_row_per_gpu_ctx_and_kv_type(tiny):
     json.dumps(table)
 
 
-def test_kv_cache_counts_only_full_attention_layers(tiny):
-    info = read_model(tiny["BF16"])
+def test_kv_cache_counts_only_full_attention_layers(tiny_pair):
+    info = read_model(tiny_pair["BF16"])
     assert info.kv["qwen35moe.attention.recurrent_layers"] == [True, False, False]
     table = fit.fit_table(info, vram_gb=[12], ctx=[4096], kv_types=["f16", "q8_0"])
     f16, q8 = table["needs"]
@@ -112,8 +99,8 @@ def test_kv_cache_counts_only_full_attention_layers(tiny):
     assert table["model"]["attention_layers"] == 1 and table["model"]["recurrent_layers"] == 1
 
 
-def test_without_mtp_the_nextn_block_and_draft_context_are_left_out(tiny):
-    info = read_model(tiny["Q4_K_M"])
+def test_without_mtp_the_nextn_block_and_draft_context_are_left_out(tiny_pair):
+    info = read_model(tiny_pair["Q4_K_M"])
     on = fit.fit_table(info, vram_gb=[12], ctx=[4096], kv_types=["f16"], mtp=True)
     off = fit.fit_table(info, vram_gb=[12], ctx=[4096], kv_types=["f16"], mtp=False)
     nextn = sum(t.n_bytes for t in info.tensors if t.block == 2)
@@ -125,8 +112,8 @@ def test_without_mtp_the_nextn_block_and_draft_context_are_left_out(tiny):
     assert len(on["weights"]["experts_per_block_mib"]) == 3 and len(off["weights"]["experts_per_block_mib"]) == 2
 
 
-def test_token_embeddings_stay_on_the_cpu(tiny):
-    info = read_model(tiny["Q4_K_M"])
+def test_token_embeddings_stay_on_the_cpu(tiny_pair):
+    info = read_model(tiny_pair["Q4_K_M"])
     table = fit.fit_table(info, vram_gb=[12], ctx=[4096], kv_types=["f16"])
     emb = info.tensor("token_embd.weight").n_bytes
     assert table["weights"]["host_fixed_mib"] == round(emb / MiB, 2)
@@ -200,9 +187,9 @@ def test_a_dense_model_without_hybrid_keys_treats_every_layer_as_attention():
     assert table["rows"][0]["fit"] == "no"  # 1 GiB less the 1 GiB reserve: nothing fits, and no experts to move
 
 
-def test_fit_from_plan_equals_fit_of_the_written_file(tiny):
-    q = read_model(tiny["Q4_K_M"])
-    src = read_model(tiny["BF16"])
+def test_fit_from_plan_equals_fit_of_the_written_file(tiny_pair):
+    q = read_model(tiny_pair["Q4_K_M"])
+    src = read_model(tiny_pair["BF16"])
     plans = [TensorPlan(t.name, "BF16", t.shape, t.type, t.type, None, False, t.n_bytes) for t in q.tensors]
     from_plan = fit.fit_from_plan(src, plans, vram_gb=[12, 16], ctx=[4096, 131072], kv_types=["f16"])
     from_file = fit.fit_table(q, vram_gb=[12, 16], ctx=[4096, 131072], kv_types=["f16"])
@@ -253,10 +240,10 @@ def _server_buffers(toolchain, model: Path, ctx: int, log: Path) -> dict[str, li
 
 
 @pytest.mark.parametrize("ctx", [4096, 32768])
-def test_estimate_matches_server_log(tiny, toolchain, tmp_path, ctx):
+def test_estimate_matches_server_log(tiny_pair, toolchain, tmp_path, ctx):
     """llama-server's load log (CPU build, MTP on, default 4 slots) against the offline estimate."""
-    got = _server_buffers(toolchain, tiny["Q4_K_M"], ctx, tmp_path / "server.log")
-    table = fit.fit_table(read_model(tiny["Q4_K_M"]), vram_gb=[12], ctx=[ctx], kv_types=["f16"])
+    got = _server_buffers(toolchain, tiny_pair["Q4_K_M"], ctx, tmp_path / "server.log")
+    table = fit.fit_table(read_model(tiny_pair["Q4_K_M"]), vram_gb=[12], ctx=[ctx], kv_types=["f16"])
     need, w = table["needs"][0], table["weights"]
     assert len(got["KV"]) == 2 and len(got["RS"]) == 1 and len(got["compute"]) >= 2  # target + MTP context
     assert sum(got["model"]) == pytest.approx(w["total_mib"], abs=0.01)
@@ -273,10 +260,10 @@ def test_estimate_matches_server_log(tiny, toolchain, tmp_path, ctx):
 
 # ----------------------------------------------------------------------------------------------- run dirs and CLI
 
-def _run_dir(tmp_path: Path, tiny) -> Path:
+def _run_dir(tmp_path: Path, tiny_pair) -> Path:
     run = RunDir(tmp_path / "run")
     run.ensure()
-    shutil.copy(tiny["Q4_K_M"], run.root / "demo-Q4_K_M.gguf")
+    shutil.copy(tiny_pair["Q4_K_M"], run.root / "demo-Q4_K_M.gguf")
     (run.root / "demo.imatrix.gguf").write_bytes(b"not a model")
     run.write_manifest({"name": "demo"})
     run.write_sha256sums({"demo-Q4_K_M.gguf": sha256_file(run.root / "demo-Q4_K_M.gguf"),
@@ -284,8 +271,8 @@ def _run_dir(tmp_path: Path, tiny) -> Path:
     return run.root
 
 
-def test_fit_run_writes_one_receipt_per_variant(tmp_path, tiny):
-    root = _run_dir(tmp_path, tiny)
+def test_fit_run_writes_one_receipt_per_variant(tmp_path, tiny_pair):
+    root = _run_dir(tmp_path, tiny_pair)
     tables = fit.fit_run(root, vram_gb=[12, 16], ctx=[4096], kv_types=["f16"])
     assert list(tables) == ["Q4_K_M"]
     receipt = json.loads((root / "receipts" / "fit-Q4_K_M.json").read_text())
@@ -294,8 +281,8 @@ def test_fit_run_writes_one_receipt_per_variant(tmp_path, tiny):
     assert sorted(p.name for p in (root / "receipts").iterdir()) == ["fit-Q4_K_M.json"]
 
 
-def test_run_dir_variant_names_come_from_quantize_receipts(tmp_path, tiny):
-    root = _run_dir(tmp_path, tiny)
+def test_run_dir_variant_names_come_from_quantize_receipts(tmp_path, tiny_pair):
+    root = _run_dir(tmp_path, tiny_pair)
     RunDir(root).write_receipt("quantize", {"file": "demo-Q4_K_M.gguf"}, tag="q4-mixed")
     assert fit.run_artifacts(root) == [("q4-mixed", root / "demo-Q4_K_M.gguf")]
 
@@ -306,12 +293,12 @@ def _cli():
     return group
 
 
-def test_cli_fit_json_and_table(tiny):
-    r = CliRunner().invoke(_cli(), ["fit", str(tiny["Q4_K_M"]), "--vram", "12,16", "--ctx", "4096", "--kv", "f16",
+def test_cli_fit_json_and_table(tiny_pair):
+    r = CliRunner().invoke(_cli(), ["fit", str(tiny_pair["Q4_K_M"]), "--vram", "12,16", "--ctx", "4096", "--kv", "f16",
                                     "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.output)["rows"]) == 2
-    r = CliRunner().invoke(_cli(), ["fit", str(tiny["Q4_K_M"])])
+    r = CliRunner().invoke(_cli(), ["fit", str(tiny_pair["Q4_K_M"])])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[1].split() == ["ctx", "KV", "need", "GiB", "12", "GB", "16", "GB", "24", "GB",
                                                 "32", "GB"]
@@ -323,8 +310,8 @@ def test_cli_fit_json_and_table(tiny):
     (["--vram", "12,big"], "error: --vram: 'big' is not a number (give a comma-separated list, e.g. --vram 12,16,24)"),
     (["--ctx", "4096,10"], "error: --ctx: 10 is below the minimum of 64"),
 ])
-def test_cli_fit_bad_options(tiny, args, message):
-    r = CliRunner().invoke(_cli(), ["fit", str(tiny["Q4_K_M"]), *args])
+def test_cli_fit_bad_options(tiny_pair, args, message):
+    r = CliRunner().invoke(_cli(), ["fit", str(tiny_pair["Q4_K_M"]), *args])
     assert r.exit_code == 2
     assert r.output.strip() == message
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import flip_byte
 from click.testing import CliRunner
 from hubserver import Fault, HubServer, Reply
 
@@ -71,14 +72,6 @@ def hub_files(server: HubServer, repo: str = REPO) -> dict[str, dict]:
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under a folder with its sha256 (to prove nothing was written)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 def expected_paths(run: RunDir) -> set[str]:

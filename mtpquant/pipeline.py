@@ -352,7 +352,7 @@ def _smoke_step(plan: Plan, results: list[VariantResult], force: bool, progress:
     for r in results:
         previous = run.read_receipt("smoke", r.tag) or {}
         same = (previous.get("model", {}).get("sha256") == r.sha256
-                and previous.get("settings", {}).get("spec") == settings)
+                and previous.get("settings", {}).get("spec") == settings and previous.get("method") == smoke.METHOD)
         if same and not force:
             kept[r.tag] = previous
         else:

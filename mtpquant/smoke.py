@@ -156,6 +156,9 @@ def raw_body(p: Prompt, seed: int, max_tokens: int) -> dict:
 # ----------------------------------------------------------------------------------------------- statistics
 
 Stat = Callable[..., np.ndarray]
+# Bumped whenever the figures derived from the same requests change (2: bootstrap over prompts); an older receipt is
+# re-measured by `build`, never shown as if this version had computed it.
+METHOD = 2
 
 
 def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -452,6 +455,7 @@ def smoke_model(tc: Toolchain, gguf: Path, spec: SmokeSpec, log_dir: Path, progr
         "best_k": best,
         "headline": _headline(results, best),
         "notes": list(NOTES),
+        "method": METHOD,
     }
     if spec.raw and best is not None:
         result["chat_vs_raw"] = {m: {f: results[m]["k"][str(best)]["overall"][f]

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-import numpy as np
 
 from mtpquant.errors import GGUFReadError
 
@@ -283,21 +282,10 @@ def open_reader(path: Path) -> Header:
     return read_header(path)
 
 
-def field_value(reader, key: str):
+def field_value(reader: Header, key: str):
     """A metadata value as a Python value (str, int, float, bool, list) or None if absent or too long to decode."""
-    if isinstance(reader, Header):
-        value = reader.fields.get(key)
-        return None if isinstance(value, LongArray) else value
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    try:
-        value = f.contents()
-    except Exception:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
+    value = reader.fields.get(key)
+    return None if isinstance(value, LongArray) else value
 
 
 def _small_kv(reader: Header) -> dict:

@@ -54,7 +54,7 @@ def test_dense_arch_nextn_found_from_metadata(tmp_path):
 def _strip(src: Path, dest: Path, drop: str) -> None:
     """Rewrite a GGUF without the tensors whose names contain `drop` (metadata kept)."""
     reader = gguf.GGUFReader(src)
-    arch = ins.field_value(reader, "general.architecture")
+    arch = reader.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dest, arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":

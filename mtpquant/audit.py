@@ -23,7 +23,7 @@ import yaml
 
 from mtpquant import card as cardmod
 from mtpquant.errors import MtpquantError, UsageError, VerifyError
-from mtpquant.files import sha256_file, sha256_json
+from mtpquant.files import sha256_file
 from mtpquant.progress import ProgressFn, no_progress
 from mtpquant.receipts import RunDir
 
@@ -540,7 +540,7 @@ def _cached_sha(p: Path, cache: dict) -> str:
 
 def _rebuild_one(run: RunDir, tc, tag: str, q: dict, receipts: dict, source: Path, work: Path) -> RebuildResult:
     """llama-quantize with the recorded arguments, in a folder laid out like the run (same relative paths)."""
-    from mtpquant.pipeline import toolchain_key
+    from mtpquant.pipeline import quantize_key, toolchain_key
     from mtpquant.procs import run_tool
 
     where = f"receipts/quantize-{tag}.json"
@@ -577,8 +577,8 @@ def _rebuild_one(run: RunDir, tc, tag: str, q: dict, receipts: dict, source: Pat
             i += 2
         else:
             i += 1
-    same = sha256_json({"source": q["source_sha256"], "type": q["type"], "overrides": q["overrides"],
-                        "imatrix": q.get("imatrix_sha256"), "toolchain": toolchain_key(tc)}) == q.get("input_key")
+    same = quantize_key(q["source_sha256"], q["type"], q["overrides"], q.get("imatrix_sha256"),
+                        toolchain_key(tc)) == q.get("input_key")
     started = time.monotonic()
     run_tool([tc.tool("llama-quantize"), *options, source, out_name, q["type"], argv[-1]], cwd=cwd,
              log_path=work / f"rebuild-{tag}.log")

@@ -45,6 +45,7 @@ class Plan:
     source: SourceModel
     imatrix: ImatrixPlan
     variants: tuple[VariantPlan, ...]
+    toolchain_key: dict = field(default_factory=dict)  # once per plan: it may hash llama-quantize
 
     def to_json(self) -> dict:
         return {
@@ -168,7 +169,7 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
     progress("plan", len(recipe.variants), len(recipe.variants))
     variants_t = tuple(variants)
     if use_stand_in:
-        return Plan(recipe, run, tc, source, im, variants_t)
+        return Plan(recipe, run, tc, source, im, variants_t, toolchain_key(tc))
     _check_outputs(recipe, run, variants_t, force)
     pending = sum(v.total_bytes for v in variants_t
                   if force or not (run.root / v.file_name).exists())
@@ -177,7 +178,7 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
         raise MtpquantError(f"not enough free disk in {run.root}: the planned outputs need "
                             f"{_gib(pending + DISK_MARGIN)}, {_gib(free)} is free",
                             "free some space or choose another --out")
-    return Plan(recipe, run, tc, source, im, variants_t)
+    return Plan(recipe, run, tc, source, im, variants_t, toolchain_key(tc))
 
 
 def _gib(n: int) -> str:
@@ -192,8 +193,9 @@ def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> imx.Imatrix
     if spec.kind == "file":
         result = imx.load_pinned(plan.imatrix.path, spec.sha256)
     else:
-        key = sha256_json({"source": plan.source.sha256, "corpus": sha256_file(spec.corpus), "chunks": spec.chunks,
-                           "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": toolchain_key(plan.toolchain)})
+        corpus_sha = sha256_file(spec.corpus)
+        key = sha256_json({"source": plan.source.sha256, "corpus": corpus_sha, "chunks": spec.chunks,
+                           "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": plan.toolchain_key})
         previous = run.read_receipt("imatrix") or {}
         dest = plan.imatrix.path
         if not force and previous.get("input_key") == key and dest.is_file() \
@@ -205,7 +207,7 @@ def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> imx.Imatrix
                                  spec.nextn, run.logs / "imatrix.log", progress)
             run.write_receipt("imatrix", {
                 "input_key": key, "file": dest.name, "sha256": result.sha256,
-                "corpus": str(spec.corpus), "corpus_sha256": sha256_file(spec.corpus), "chunks": spec.chunks,
+                "corpus": str(spec.corpus), "corpus_sha256": corpus_sha, "chunks": spec.chunks,
                 "ctx": spec.ctx, "nextn": spec.nextn, "seconds": round(time.monotonic() - started, 3),
                 "datasets": list(result.info.datasets), "chunk_count": result.info.chunk_count,
                 "entries": len(result.info.entries), "n_layer_nextn": result.info.n_layer_nextn,
@@ -220,9 +222,11 @@ def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> imx.Imatrix
     return result
 
 
-def _quantize_key(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None) -> str:
-    return sha256_json({"source": plan.source.sha256, "type": vplan.variant.type, "overrides": list(vplan.overrides),
-                        "imatrix": im.sha256 if im else None, "toolchain": toolchain_key(plan.toolchain)})
+def quantize_key(source_sha256: str, variant_type: str, overrides: list[str], imatrix_sha256: str | None,
+                 toolchain: dict) -> str:
+    """What decides a variant's bytes; a receipt with the same key and output sha256 means nothing to redo."""
+    return sha256_json({"source": source_sha256, "type": variant_type, "overrides": list(overrides),
+                        "imatrix": imatrix_sha256, "toolchain": toolchain})
 
 
 def build_variant(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, force: bool,
@@ -230,7 +234,8 @@ def build_variant(plan: Plan, vplan: VariantPlan, im: imx.ImatrixResult | None, 
     """Quantize, verify, hash, then rename into place and write the receipt; skip if the receipt matches."""
     run, tag = plan.run, vplan.variant.tag
     target = run.root / vplan.file_name
-    key = _quantize_key(plan, vplan, im)
+    key = quantize_key(plan.source.sha256, vplan.variant.type, vplan.overrides, im.sha256 if im else None,
+                       plan.toolchain_key)
     previous = run.read_receipt("quantize", tag) or {}
     if not force and previous.get("input_key") == key and target.is_file():
         if sha256_file(target) == previous.get("sha256"):

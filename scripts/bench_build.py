@@ -30,8 +30,9 @@ EH = r"nextn\.eh_proj\.weight$"
 CHILD = """
 import json, re, sys
 from pathlib import Path
-from mtpquant import pipeline, recipe
-from mtpquant.toolchain import locate
+from mtpquant.pipeline import build as pipeline
+from mtpquant.recipe import model as recipe
+from mtpquant.llamacpp.toolchain import locate
 r = recipe.load(Path(sys.argv[1]))
 pipeline.build(r, Path(sys.argv[2]), locate(), force=True)
 hwm = re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)
@@ -79,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mtpquant import synth
-    from mtpquant.toolchain import locate
+    from mtpquant.llamacpp.toolchain import locate
 
     tc = locate()
     work = args.work or Path(tempfile.mkdtemp(prefix="mtpquant-bench-"))

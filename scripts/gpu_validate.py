@@ -17,7 +17,7 @@ toolchain cache /root/mtpq-cache) so that a later call on a warm machine picks u
   sweep      llama-server on the random Q4_K_M: vanilla, then draft-mtp for k in 1,2,3,4,6,8 at forced acceptance
              (--spec-synth-len / --spec-synth-rates): 0.76 accepted/drafted, 0.76 per-position conditional,
              all accepted, all rejected; greedy (temperature 0, top_k 1)
-  ci         the smoke itself (mtpquant.smoke.smoke_model) at k=4, 0.76 accepted/drafted forced, many prompt x seed
+  ci         the smoke itself (mtpquant.measure.smoke.smoke_model) at k=4, 0.76 accepted/drafted forced, many prompt x seed
              units: how the acceptance CI half-width shrinks with units, and the wall time a +-1 pp CI needs
   default    vanilla and k=4 at the server's default sampling (no sampling fields in the request)
   sampling   k=4 all-accepted / all-rejected and vanilla with and without -bs (GPU sampling), llama-bench -r 20
@@ -374,7 +374,7 @@ class Runner:
 
     # -- toolchain
     def phase_toolchain(self) -> None:
-        from mtpquant import toolchain
+        from mtpquant.llamacpp import toolchain
 
         cfg = self.cfg
         if cfg.llama_cpp:
@@ -429,7 +429,7 @@ class Runner:
         })
 
     def toolchain(self):
-        from mtpquant import toolchain
+        from mtpquant.llamacpp import toolchain
 
         return toolchain.locate(self.cfg.llama_cpp) if self.cfg.llama_cpp else toolchain.locate()
 
@@ -548,7 +548,7 @@ class Runner:
 
     # -- server measurements
     def server(self, model: Path, label: str, k: int | None, extra: list[str]):
-        from mtpquant.server import LlamaServer
+        from mtpquant.llamacpp.server import LlamaServer
 
         return LlamaServer(self.toolchain(), model, self.cfg.logs / f"server-{label}.log",
                            spec_type="draft-mtp" if k else None, draft_n_max=k, ctx=4096,
@@ -556,7 +556,7 @@ class Runner:
                            request_timeout=600)
 
     def measure(self, model: Path, label: str, k: int | None, extra: list[str], reqs, warm: dict) -> dict:
-        from mtpquant import smoke as sm
+        from mtpquant.measure import smoke as sm
 
         t = time.monotonic()
         with self.server(model, label, k, extra) as srv:
@@ -597,7 +597,7 @@ class Runner:
         llama-server seeds the --spec-synth-* accept/reject draws with the request seed, so units that share a seed
         share one accept/reject sequence; distinct seeds make the units independent (greedy output ignores seeds).
         """
-        from mtpquant import smoke as sm
+        from mtpquant.measure import smoke as sm
 
         prompts = sm.select_prompts(sm.load_suite(), n_prompts)
         reqs = sm._requests(prompts, list(seeds), max_tokens, False)
@@ -777,8 +777,9 @@ def _sum(runs, key) -> float:
 
 
 def vanilla_figs(runs: list[dict]) -> dict:
-    from mtpquant import smoke as sm
     import numpy as np
+
+    from mtpquant.measure import smoke as sm
 
     tps = np.array([float(r["timings"]["predicted_per_second"]) for r in runs])
     ms = _sum(runs, "predicted_ms")
@@ -790,7 +791,7 @@ def vanilla_figs(runs: list[dict]) -> dict:
 
 def config_figs(vmap: dict, m: dict) -> dict:
     """The smoke's figures for one server against the vanilla records of the same prompt x seed units."""
-    from mtpquant import smoke as sm
+    from mtpquant.measure import smoke as sm
 
     runs = m["runs"]
     # vanilla records may be compact (text hashed, timings flattened): compare both sides in the same form
@@ -837,7 +838,8 @@ def _as_full(v: dict) -> dict:
 def ci_analysis(runs: list[dict], k: int, wall: float, servers: list[dict]) -> dict:
     """Bootstrap CI half-width of acceptance (accepted/drafted, prompt x seed units) against the number of units."""
     import numpy as np
-    from mtpquant import smoke as sm
+
+    from mtpquant.measure import smoke as sm
 
     mtp = [r for r in runs if r["server"] == f"k{k}"]
     van = [r for r in runs if r["server"] == "vanilla"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant.errors import ToolchainError
-from mtpquant.toolchain import locate
+from mtpquant.core.errors import ToolchainError
+from mtpquant.llamacpp.toolchain import locate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def llama_env(toolchain):
 def tiny_pair(tmp_path_factory, toolchain) -> dict[str, Path]:
     """The default synthetic qwen35moe (2 layers + 1 NextN block), BF16 and Q4_K_M by the real llama-quantize."""
     from mtpquant import synth
-    from mtpquant.procs import run_tool
+    from mtpquant.core.procs import run_tool
 
     d = tmp_path_factory.mktemp("tiny-pair")
     src = d / "tiny-BF16.gguf"

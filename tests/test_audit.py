@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import flip_byte
 from click.testing import CliRunner
+from helpers import flip_byte
+from mtpquant.cli.report import verify as verify_cmd
 
-from mtpquant import card as cardmod
-from mtpquant.audit import verify_run
-from mtpquant.cli_card import verify as verify_cmd
-from mtpquant.errors import VerifyError
-from mtpquant.receipts import RunDir
+from mtpquant.core.errors import VerifyError
+from mtpquant.core.rundir import RunDir
+from mtpquant.report import card as cardmod
+from mtpquant.report.audit import verify_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from demo_run import build_run, measure
@@ -176,7 +176,7 @@ def test_rebuild_reports_where_bytes_differ(copy, toolchain):
     q["command"][q["command"].index("Q8_0")] = "Q4_K_M"  # so change the type the command records as well
     q["type"] = "Q4_K_M"
     with pytest.raises(VerifyError) as ei:
-        from mtpquant.audit import rebuild_run
+        from mtpquant.report.audit import rebuild_run
 
         rebuild_run(copy, toolchain, receipts={n: receipt(copy, n) for n in ("source.json", "quantize-Q8_0.json")}
                     | {"quantize-Q8_0.json": q})
@@ -188,7 +188,7 @@ def test_rebuild_with_a_pinned_imatrix_outside_the_run(run, tmp_path, toolchain)
     """A pinned imatrix is recorded by a `../` path (it is written into the GGUF): rebuild lays it out the same."""
     from demo_run import TEST_RECIPE
 
-    from mtpquant.files import sha256_file
+    from mtpquant.core.files import sha256_file
 
     im = receipt(run, "imatrix.json")["file"]
     (tmp_path / "imatrix").mkdir()
@@ -207,8 +207,8 @@ def test_rebuild_with_a_pinned_imatrix_outside_the_run(run, tmp_path, toolchain)
 
 def test_published_copy_with_split_file_verifies_through_its_shards(copy, toolchain):
     """A download of a published run holds a big file only as shards: they are checked against publish.json."""
-    from mtpquant.files import sha256_file
-    from mtpquant.procs import run_tool
+    from mtpquant.core.files import sha256_file
+    from mtpquant.core.procs import run_tool
 
     q = receipt(copy, "quantize-Q8_0.json")
     big = copy.root / q["file"]

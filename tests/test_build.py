@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import pipeline, recipe as rcp, synth
-from mtpquant.errors import MtpquantError, UsageError, VerifyError
-from mtpquant.files import sha256_file
-from mtpquant.inspect import read_model
+from mtpquant import synth
+from mtpquant.core.errors import MtpquantError, UsageError, VerifyError
+from mtpquant.core.files import sha256_file
+from mtpquant.modelfile.model import read_model
+from mtpquant.pipeline import build as pipeline
+from mtpquant.recipe import model as rcp
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "imatrix" / "codemath-chat-v1.txt"
@@ -187,7 +189,7 @@ def _wrapper(folder: Path, real: Path, body: str) -> Path:
 
 
 def test_quantize_failure_removes_partial_file(tmp_path, tiny, toolchain):
-    from mtpquant.toolchain import locate
+    from mtpquant.llamacpp.toolchain import locate
 
     fake = _wrapper(tmp_path / "bin", toolchain.tool("llama-quantize"),
                     'for a; do case "$a" in *.incomplete) head -c 100000 /dev/zero > "$a";; esac; done\n'
@@ -206,7 +208,7 @@ def test_quantize_failure_removes_partial_file(tmp_path, tiny, toolchain):
 
 
 def test_verification_mismatch_keeps_nothing(tmp_path, tiny, toolchain):
-    from mtpquant.toolchain import locate
+    from mtpquant.llamacpp.toolchain import locate
 
     real = toolchain.tool("llama-quantize")
     # quantizes for real, but drops the tensor-type file outside dry runs: eh_proj comes out as the default type

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
+from mtpquant.cli.report import card as card_cmd
 
-from mtpquant import card as cardmod
-from mtpquant.card import CardError, md_code, md_fence, md_text, render_card, write_card
-from mtpquant.cli_card import card as card_cmd
-from mtpquant.receipts import RunDir
+from mtpquant.core.errors import CardError
+from mtpquant.core.rundir import RunDir
+from mtpquant.report import card as cardmod
+from mtpquant.report.card import md_code, md_fence, md_text, render_card, write_card
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from demo_run import build_run, measure

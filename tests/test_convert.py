@@ -13,11 +13,13 @@ import pytest
 import yaml
 from hubserver import HubServer
 
-from mtpquant import convert, pipeline, synth
-from mtpquant import recipe as rc
-from mtpquant import toolchain as tcm
-from mtpquant.errors import UsageError
-from mtpquant.inspect import read_model
+from mtpquant import synth
+from mtpquant.core.errors import ConvertError, UsageError
+from mtpquant.llamacpp import toolchain as tcm
+from mtpquant.modelfile.model import read_model
+from mtpquant.pipeline import build as pipeline
+from mtpquant.recipe import model as rc
+from mtpquant.sources import convert
 
 REPO = "mtpquant-test/tiny-mtp"
 SPEC = synth.SynthSpec(name="tiny-mtp", seed=11)
@@ -114,7 +116,7 @@ def test_a_failed_dependency_install_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "REQUIREMENTS", {"mtpquant_absent_module": str(wheel)})
     events = []
     log = tmp_path / "pip.log"
-    with pytest.raises(convert.ConvertError) as ei:
+    with pytest.raises(ConvertError) as ei:
         convert.ensure_dependencies(lambda *e: events.append(e), log)
     assert ei.value.one_line() == (f"could not install {wheel} (pip exited with code 1); log: {log} "
                                    f"(run: {sys.executable} -m pip install {wheel})")
@@ -145,7 +147,7 @@ def test_an_output_that_lost_the_mtp_head_is_refused(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(convert.ConvertError) as ei:
+    with pytest.raises(ConvertError) as ei:
         convert._check_output(read_model(path), path, expects_mtp=True)
     assert ei.value.one_line() == (
         "the converted tiny-mtp-BF16.gguf lost the checkpoint's MTP/NextN block (qwen35moe.nextn_predict_layers is "
@@ -189,7 +191,7 @@ def test_safetensors_convert_keeping_nextn_then_quantize_and_verify(tmp_path, hu
 def test_an_unknown_pre_tokenizer_is_one_line_naming_the_recipe_field(tmp_path, hub, cache, toolchain):
     recipe = make_recipe(tmp_path)
     out = tmp_path / "out"
-    with pytest.raises(convert.ConvertError) as ei:
+    with pytest.raises(ConvertError) as ei:
         pipeline.build(recipe, out, toolchain)
     log = out / "logs" / "convert.log"
     chkhsh = re.search(r"\*\* chkhsh:\s+([0-9a-f]{64})", log.read_text()).group(1)

@@ -9,14 +9,15 @@ import stat
 
 import pytest
 from click.testing import CliRunner
+from mtpquant.cli.main import Group
+from mtpquant.cli.measure import eval_ as eval_cmd
 
-from mtpquant import eval as ev
-from mtpquant.cli import Group
-from mtpquant.cli_fit import eval_ as eval_cmd
-from mtpquant.files import sha256_file
-from mtpquant.procs import run_tool
-from mtpquant.receipts import RunDir
-from mtpquant.toolchain import Toolchain
+from mtpquant.core.errors import EvalError
+from mtpquant.core.files import sha256_file
+from mtpquant.core.procs import run_tool
+from mtpquant.core.rundir import RunDir
+from mtpquant.llamacpp.toolchain import Toolchain
+from mtpquant.measure import kld as ev
 
 CTX, CHUNKS = 128, 4
 
@@ -65,7 +66,7 @@ def test_too_few_scored_tokens_is_an_error_although_the_exit_code_is_0(tiny_pair
     """One chunk of 128 scores 63 tokens; llama-perplexity prints statistics only from 100 on, and exits 0."""
     b = ev.kld_base_info(toolchain, tiny_pair["BF16"], ev.default_text(), 128, 1, tmp_path / "b.kld", tmp_path / "b.log")
     log = tmp_path / "q.log"
-    with pytest.raises(ev.EvalError) as e:
+    with pytest.raises(EvalError) as e:
         ev.eval_variant(toolchain, tiny_pair["BF16"], tiny_pair["Q4_K_M"], b, ev.default_text(), 128, 1, log)
     assert e.value.one_line() == (
         f"llama-perplexity printed no '====== Perplexity statistics ======' section for tiny-Q4_K_M.gguf "
@@ -96,7 +97,7 @@ def test_missing_statistics_with_exit_code_0_is_retried_then_an_error(tmp_path):
     for name in ("src.gguf", "q.gguf", "base.kld", "text.txt"):
         (tmp_path / name).write_bytes(b"x")
     log = tmp_path / "q.log"
-    with pytest.raises(ev.EvalError) as e:
+    with pytest.raises(EvalError) as e:
         ev.eval_variant(tc, tmp_path / "src.gguf", tmp_path / "q.gguf", tmp_path / "base.kld", tmp_path / "text.txt",
                         128, 4, log)
     assert e.value.one_line() == (
@@ -115,7 +116,7 @@ def test_statistics_cut_off_midway_are_an_error(tiny_pair, base, toolchain, tmp_
     full = ev.parse_kld_output(r.stdout)
     assert full["chunks_evaluated"] == CHUNKS
     cut = r.stdout[:r.stdout.index("Mean    KLD:")]
-    with pytest.raises(ev.EvalError) as e:
+    with pytest.raises(EvalError) as e:
         ev.parse_kld_output(cut + "====== KL divergence statistics ======\n", tmp_path / "x.log")
     assert e.value.one_line() == (f"llama-perplexity statistics lack kld_mean, same_top_pct; log: {tmp_path / 'x.log'}"
                                   " (its output was cut short; run the step again)")

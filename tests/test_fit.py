@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from mtpquant.cli.main import Group
+from mtpquant.cli.measure import fit as fit_cmd
 
-from mtpquant import fit
-from mtpquant.cli import Group
-from mtpquant.cli_fit import fit as fit_cmd
-from mtpquant.files import sha256_file
-from mtpquant.inspect import read_model
-from mtpquant.plan import TensorPlan
-from mtpquant.receipts import RunDir
+from mtpquant.core.files import sha256_file
+from mtpquant.core.rundir import RunDir
+from mtpquant.measure import fit
+from mtpquant.modelfile.model import read_model
+from mtpquant.quant.plan import TensorPlan
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -12,12 +12,14 @@ import pytest
 import yaml
 from hubserver import HubServer
 
-from mtpquant import hub as hubm
-from mtpquant import pipeline, source, synth
-from mtpquant import recipe as rc
-from mtpquant.errors import MtpquantError
-from mtpquant.inspect import read_model
-from mtpquant.receipts import RunDir
+from mtpquant import synth
+from mtpquant.core.errors import HubError, IntegrityError, MtpquantError
+from mtpquant.core.rundir import RunDir
+from mtpquant.hub import client as hubm
+from mtpquant.modelfile.model import read_model
+from mtpquant.pipeline import build as pipeline
+from mtpquant.recipe import model as rc
+from mtpquant.sources import base as source
 
 REPO = "mtpquant-test/tiny-mtp-GGUF"
 HF_REPO = "mtpquant-test/tiny-mtp"
@@ -149,7 +151,7 @@ def test_a_recorded_commit_missing_from_the_cache_needs_the_hub(tmp_path, hub, s
     prepare(recipe, tmp_path / "run")
     shutil.rmtree(tmp_path / "hf-cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (with the endpoint merely down, huggingface_hub retries ~20 s first)
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(recipe, tmp_path / "run")
     assert ei.value.one_line() == (
         f"BF16/{synthetic['shards'][0].name} of {REPO}@{commit[:12]} is not in the Hugging Face cache, and {hub.url} "
@@ -161,7 +163,7 @@ def test_a_recorded_commit_missing_from_the_cache_needs_the_hub(tmp_path, hub, s
 def test_first_run_offline_is_refused_clearly(tmp_path, hub, synthetic, monkeypatch):
     publish_gguf(hub, synthetic)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(gguf_recipe(tmp_path), tmp_path / "run")
     assert ei.value.one_line() == (
         f"HF_HUB_OFFLINE is set and this run has not yet resolved {REPO}@main (run once online; re-runs of this run "
@@ -172,7 +174,7 @@ def test_first_run_offline_is_refused_clearly(tmp_path, hub, synthetic, monkeypa
 def test_first_run_with_the_endpoint_down_is_refused_clearly(tmp_path, hub, synthetic):
     publish_gguf(hub, synthetic)
     hub.stop()
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(gguf_recipe(tmp_path), tmp_path / "run")
     assert ei.value.one_line() == (
         f"cannot reach {hub.url} to resolve {REPO}@main ([Errno 111] Connection refused), and this run has no "
@@ -189,7 +191,7 @@ def test_a_corrupted_file_is_refused_and_nothing_downstream_runs(tmp_path, hub, 
     served = hashlib.sha256((hub.root / REPO / "objects" / sha256(bad)).read_bytes()).hexdigest()
     recipe = make_recipe(tmp_path, {"repo": REPO, "revision": "main", "files": "BF16/tiny-mtp-BF16-*.gguf"})
     out = tmp_path / "out"
-    with pytest.raises(hubm.IntegrityError) as ei:
+    with pytest.raises(IntegrityError) as ei:
         pipeline.build(recipe, out, toolchain)
     assert ei.value.one_line() == (
         f"BF16/{bad.name} from {REPO}@{commit[:12]}: sha256 mismatch: expected {sha256(bad)}, got {served} (the "
@@ -213,7 +215,7 @@ def test_a_small_git_file_is_checked_against_its_blob_id(tmp_path, hub, syntheti
     cfg = hubm.settings()
     paths = hubm.download(snap, (config,), cfg)
     paths["config.json"].resolve().write_bytes(b"{}" + paths["config.json"].read_bytes()[2:])
-    with pytest.raises(hubm.IntegrityError) as ei:
+    with pytest.raises(IntegrityError) as ei:
         hubm.verify(snap, (config,), paths, {})
     assert ei.value.what == "git blob id" and ei.value.expected == config.git_oid
 
@@ -239,7 +241,7 @@ def test_hub_refusals_are_one_clear_line(tmp_path, hub, synthetic, case, hf, exp
     hub.create_repo("mtpquant-test/gated", gated=True)
     hub.commit("mtpquant-test/gated", {"x.gguf": synthetic["shards"][0]})
     recipe = make_recipe(tmp_path, hf)
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(recipe, tmp_path / "run")
     assert ei.value.one_line() == expected.format(recipe=recipe.path, url=hub.url)
     assert not (tmp_path / "run" / "receipts" / "source.json").exists()
@@ -249,7 +251,7 @@ def test_a_refused_token_is_one_clear_line(tmp_path, hub, synthetic, monkeypatch
     hub.create_repo("mtpquant-test/gated", gated=True)
     publish_gguf(hub, synthetic, repo="mtpquant-test/gated")
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(make_recipe(tmp_path, {"repo": "mtpquant-test/gated", "revision": "main", "files": "x.gguf"}),
                 tmp_path / "run")
     assert ei.value.one_line() == (f"{hub.url} refused the Hugging Face token (Invalid credentials in Authorization "
@@ -259,7 +261,7 @@ def test_a_refused_token_is_one_clear_line(tmp_path, hub, synthetic, monkeypatch
 def test_a_pre_tokenizer_for_a_gguf_source_is_refused(tmp_path, hub, synthetic):
     publish_gguf(hub, synthetic)
     recipe = make_recipe(tmp_path, {"repo": REPO, "revision": "main", "files": "BF16/*.gguf", "pre_tokenizer": "qwen2"})
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(recipe, tmp_path / "run")
     assert ei.value.one_line() == (f"{recipe.path}: source.hf.pre_tokenizer: only used when converting safetensors, "
                                    "and 'BF16/*.gguf' is a GGUF (remove it, or set source.hf.files: safetensors)")
@@ -295,7 +297,7 @@ def test_file_selection(tmp_path, hub, synthetic, spec, expected):
     snap = hubm.resolve(REPO, "main", hub.url)
     recipe_path = tmp_path / "r.yaml"
     if isinstance(expected, str):
-        with pytest.raises(hubm.HubError) as ei:
+        with pytest.raises(HubError) as ei:
             hubm.select(snap, spec, recipe_path)
         assert ei.value.one_line() == expected.format(recipe=recipe_path, where=snap.where)
     else:
@@ -306,7 +308,7 @@ def test_file_selection(tmp_path, hub, synthetic, spec, expected):
 def test_a_split_gguf_with_a_missing_shard_is_refused(tmp_path, hub, synthetic):
     commit = publish_gguf(hub, synthetic, skip=(2,))
     recipe = gguf_recipe(tmp_path)
-    with pytest.raises(hubm.HubError) as ei:
+    with pytest.raises(HubError) as ei:
         prepare(recipe, tmp_path / "run")
     assert ei.value.one_line() == (
         f"{recipe.path}: source.hf.files: the split GGUF BF16/tiny-mtp-BF16 at {REPO}@{commit[:12]} lacks shard(s) "
@@ -420,8 +422,8 @@ def test_build_end_to_end_from_the_loopback_hub(tmp_path, hub, synthetic, toolch
 
 def test_pinned_imatrix_from_the_hub(hub, tmp_path, toolchain):
     """imatrix.file.hf: fetched at a pinned revision, checked by the recipe's sha256, copied into the run."""
-    from mtpquant.files import sha256_file
-    from mtpquant.procs import run_tool
+    from mtpquant.core.files import sha256_file
+    from mtpquant.core.procs import run_tool
 
     model = tmp_path / "m.gguf"
     synth.write_gguf(model, SPEC)

@@ -10,8 +10,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from mtpquant import inspect as ins, synth
-from mtpquant.errors import GGUFReadError
+from mtpquant import synth
+from mtpquant.core.errors import GGUFReadError
+from mtpquant.modelfile.imatrix import read_imatrix
+from mtpquant.modelfile.model import read_model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def cli(*args):
 
 
 def test_model_summary(tiny):
-    info = ins.read_model(tiny)
+    info = read_model(tiny)
     assert info.arch == "qwen35moe"
     assert (info.block_count, info.n_layer, info.nextn.layers, info.nextn.blocks) == (3, 2, 1, (2,))
     assert info.nextn.complete
@@ -47,7 +49,7 @@ def test_inspect_json_is_clean(tiny):
 def test_dense_arch_nextn_found_from_metadata(tmp_path):
     path = tmp_path / "dense.gguf"
     synth.write_gguf(path, synth.SynthSpec(arch="qwen35", n_layer=3, full_attention_interval=3, seed=2))
-    info = ins.read_model(path)
+    info = read_model(path)
     assert info.arch == "qwen35" and info.nextn.blocks == (3,) and info.nextn.complete
 
 
@@ -77,7 +79,7 @@ def _strip(src: Path, dest: Path, drop: str) -> None:
 def test_incomplete_nextn_named(tiny, tmp_path):
     broken = tmp_path / "broken.gguf"
     _strip(tiny, broken, "nextn.hnorm")
-    info = ins.read_model(broken)
+    info = read_model(broken)
     assert not info.nextn.complete
     assert info.nextn.missing == ("blk.2.nextn.hnorm.weight",)
     r = cli("inspect", broken)
@@ -96,7 +98,7 @@ def test_bad_files(tmp_path, make, expected):
     if make:
         make(p)
     with pytest.raises(GGUFReadError) as ei:
-        ins.read_model(p)
+        read_model(p)
     assert ei.value.one_line() == expected.format(p=p)
     r = cli("inspect", p)
     assert r.returncode == 2
@@ -118,31 +120,31 @@ def test_truncated_file(tiny, tmp_path, keep):
 def test_split_model(tmp_path):
     paths = synth.write_gguf(tmp_path / "s.gguf", synth.SynthSpec(seed=4), split_max_tensors=20)
     assert len(paths) > 1
-    info = ins.read_model(paths[0])
+    info = read_model(paths[0])
     assert info.paths == tuple(paths) and info.nextn.complete
     with pytest.raises(GGUFReadError) as ei:
-        ins.read_model(paths[1])
+        read_model(paths[1])
     assert ei.value.message == f"{paths[1]}: this is shard 2 of a split GGUF"
     paths[-1].unlink()
     with pytest.raises(GGUFReadError) as ei:
-        ins.read_model(paths[0])
+        read_model(paths[0])
     assert ei.value.one_line() == (f"{paths[0]}: split GGUF is missing shard(s) {paths[-1].name} "
                                    "(download every shard into the same folder)")
 
 
 def test_imatrix_file(tiny, tmp_path, toolchain):
-    from mtpquant.procs import run_tool
+    from mtpquant.core.procs import run_tool
 
     corpus = Path(__file__).resolve().parents[1] / "imatrix" / "codemath-chat-v1.txt"
     out = tmp_path / "im.gguf"
     run_tool([toolchain.tool("llama-imatrix"), "-m", tiny, "-f", corpus, "-o", out, "--chunks", "2", "-c", "128",
               "-b", "128", "--nextn", "--no-ppl"], log_path=tmp_path / "im.log")
-    info = ins.read_imatrix(out)
+    info = read_imatrix(out)
     assert info.n_layer_nextn == 1 and info.chunk_count == 2
     assert any(e.startswith("blk.2.") for e in info.entries)
     r = cli("inspect", out, "--json")
     data = json.loads(r.stdout)
     assert data["kind"] == "imatrix" and data["nextn_collected"] is True and 2 in data["blocks_covered"]
     with pytest.raises(GGUFReadError) as ei:
-        ins.read_model(out)
+        read_model(out)
     assert ei.value.message == f"{out}: this is an imatrix file, not a model"

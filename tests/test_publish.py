@@ -10,16 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import flip_byte
 from click.testing import CliRunner
+from helpers import flip_byte
 from hubserver import Fault, HubServer, Reply
+from mtpquant.cli.publish import publish as publish_cmd
 
-from mtpquant import publish as pub
-from mtpquant.audit import verify_run
-from mtpquant.cli_publish import publish as publish_cmd
-from mtpquant.errors import UsageError, VerifyError
-from mtpquant.files import sha256_file
-from mtpquant.receipts import RunDir
+from mtpquant.core.errors import PublishError, UsageError, VerifyError
+from mtpquant.core.files import sha256_file
+from mtpquant.core.rundir import RunDir
+from mtpquant.report import publish as pub
+from mtpquant.report.audit import verify_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from demo_run import build_run
@@ -287,7 +287,7 @@ def test_cli_json_report(run, hub):
 @pytest.mark.parametrize("given,bytes_", [("50G", 50 * 10**9), ("1500M", 1_500_000_000), ("3000000", 3_000_000),
                                           ("2mb", 2_000_000)])
 def test_split_size_option(given, bytes_):
-    from mtpquant.cli_publish import SizeType
+    from mtpquant.cli.publish import SizeType
 
     assert SizeType().convert(given, None, None) == bytes_
 
@@ -340,7 +340,7 @@ def test_unreachable_endpoint(run, hub):
     url = hub.url
     hub.stop()
     before = snapshot(run.root)
-    with pytest.raises(pub.PublishError) as ei:
+    with pytest.raises(PublishError) as ei:
         pub.publish_run(run.root, REPO)
     assert ei.value.one_line() == (f"cannot reach {url} to check the token ([Errno 111] Connection refused); nothing "
                                    "was uploaded (check the network and HF_ENDPOINT, then run again)")
@@ -350,7 +350,7 @@ def test_unreachable_endpoint(run, hub):
 def test_refused_token(run, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_one")
     before = snapshot(run.root)
-    with pytest.raises(pub.PublishError) as ei:
+    with pytest.raises(PublishError) as ei:
         pub.publish_run(run.root, REPO)
     assert ei.value.one_line() == (
         f"{hub.url} refused the token in HF_TOKEN (HTTP 401: Invalid credentials in Authorization header); nothing "
@@ -360,7 +360,7 @@ def test_refused_token(run, hub, monkeypatch):
 
 def test_no_token(run, hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(pub.PublishError) as ei:
+    with pytest.raises(PublishError) as ei:
         pub.publish_run(run.root, REPO)
     assert ei.value.one_line() == (
         "no Hugging Face token: HF_TOKEN is not set and there is no saved login (set HF_TOKEN or run `hf auth login` "
@@ -398,7 +398,7 @@ def test_failed_upload_resumes_without_sending_blobs_again(run, hub):
     big = "card-test-Q8_0.gguf"
     sha = run.read_sha256sums()[big]
     hub.faults.append(Fault("PUT", f"/lfs-upload/.*/{sha}$", Reply.error(400, None, "injected")))
-    with pytest.raises(pub.PublishError) as ei:
+    with pytest.raises(PublishError) as ei:
         pub.publish_run(run.root, REPO)
     assert ei.value.one_line() == (f"uploading {big} to {REPO} failed (HTTP 400: injected); no commit was made (run "
                                    "again: blobs the hub already holds are not sent again)")

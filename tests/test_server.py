@@ -11,11 +11,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from mtpquant import server as srv_mod
 from mtpquant import synth
-from mtpquant.errors import ServerError
-from mtpquant.server import LlamaServer
-from mtpquant.toolchain import Toolchain
+from mtpquant.core.errors import ServerError
+from mtpquant.llamacpp import server as srv_mod
+from mtpquant.llamacpp.server import LlamaServer
+from mtpquant.llamacpp.toolchain import Toolchain
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_mtp_asked_but_slots_say_not_speculative(fake, tmp_path):
 
 
 def test_missing_binary(tmp_path):
-    from mtpquant.errors import ToolchainError
+    from mtpquant.core.errors import ToolchainError
 
     with pytest.raises(ToolchainError):
         LlamaServer(Toolchain(tmp_path, "test"), tmp_path / "m.gguf", tmp_path / "x.log")

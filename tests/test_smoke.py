@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mtpquant.cli.smoke import smoke as smoke_cmd
+from mtpquant.cli.smoke import table
 
-from mtpquant import smoke as sm
 from mtpquant import synth
-from mtpquant.cli_smoke import smoke as smoke_cmd
-from mtpquant.cli_smoke import table
-from mtpquant.errors import GateError, UsageError
-from mtpquant.receipts import RunDir
-from mtpquant.recipe import Gates, SmokeSpec
+from mtpquant.core.errors import GateError, UsageError
+from mtpquant.core.rundir import RunDir
+from mtpquant.measure import smoke as sm
+from mtpquant.recipe.model import Gates, SmokeSpec
 
 # Designed acceptance: every chat request enters the designed cycle at the same token, so the server's counters
 # equal synth's replay exactly; over a finite run (32 tokens) that value sits within TOLERANCE of the designed

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mtpquant import synth
-from mtpquant.server import LlamaServer
-from mtpquant.errors import UsageError
-from mtpquant.files import sha256_file
+from mtpquant.core.errors import UsageError
+from mtpquant.core.files import sha256_file
+from mtpquant.llamacpp.server import LlamaServer
 from mtpquant.synth import Designed, SynthSpec
 
 ARCHES = ["qwen35moe", "qwen35"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import toolchain as tcm
-from mtpquant.errors import ToolchainError
+from mtpquant.core.errors import ToolchainError
+from mtpquant.llamacpp import toolchain as tcm
 
 
 def fake_tool(folder: Path, name: str, script: str = "exit 0") -> Path:

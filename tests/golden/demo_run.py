@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mtpquant import card, pipeline
-from mtpquant import recipe as rcp
-from mtpquant.receipts import RunDir
-from mtpquant.recipe import SmokeSpec
+from mtpquant.core.rundir import RunDir
+from mtpquant.pipeline import build as pipeline
+from mtpquant.recipe import model as rcp
+from mtpquant.recipe.model import SmokeSpec
+from mtpquant.report import card
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "imatrix" / "codemath-chat-v1.txt"
@@ -55,9 +56,9 @@ def build_run(folder: Path, toolchain, recipe_text: str = TEST_RECIPE) -> tuple[
 def measure(run: RunDir, recipe: rcp.Recipe, toolchain, smoke_variants: tuple[str, ...] | None = ("Q4_K_M",),
             smoke: SmokeSpec = TEST_SMOKE) -> None:
     """Fit and eval every variant, smoke the given ones (None: all), then write the card again."""
-    from mtpquant import eval as ev
-    from mtpquant import fit
-    from mtpquant import smoke as sm
+    from mtpquant.measure import fit
+    from mtpquant.measure import kld as ev
+    from mtpquant.measure import smoke as sm
 
     fit.fit_run(run.root)
     ev.eval_run(toolchain, run.root)

@@ -25,8 +25,8 @@ RECIPE = REPO / "recipes" / "demo-tiny.yaml"
 
 
 def render() -> None:
-    from mtpquant.card import render_card
-    from mtpquant.receipts import RunDir
+    from mtpquant.core.rundir import RunDir
+    from mtpquant.report.card import render_card
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "demo"
@@ -36,13 +36,16 @@ def render() -> None:
 
 
 def run_demo(keep: Path | None) -> None:
-    from mtpquant import card, fit, pipeline, smoke
-    from mtpquant import eval as ev
-    from mtpquant import recipe as rcp
-    from mtpquant.cli import Bars
-    from mtpquant.errors import GateError
-    from mtpquant.receipts import RunDir
-    from mtpquant.toolchain import locate
+    from mtpquant.cli.main import Bars
+
+    from mtpquant.core.errors import GateError
+    from mtpquant.core.rundir import RunDir
+    from mtpquant.llamacpp.toolchain import locate
+    from mtpquant.measure import fit, smoke
+    from mtpquant.measure import kld as ev
+    from mtpquant.pipeline import build as pipeline
+    from mtpquant.recipe import model as rcp
+    from mtpquant.report import card
 
     recipe = rcp.load(RECIPE)
     tc = locate()

@@ -1,0 +1,1 @@
+"""Hugging Face Hub I/O through huggingface_hub: pinned revisions, verified downloads, one error explainer."""

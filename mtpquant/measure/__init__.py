@@ -1,0 +1,1 @@
+"""What a finished variant is measured for: MTP speed and acceptance (smoke), GPU fit, and KLD/PPL against the source."""

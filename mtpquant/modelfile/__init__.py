@@ -1,0 +1,1 @@
+"""GGUF files read from their headers: models (split too) and imatrix files, never their tensor data."""

@@ -1,0 +1,1 @@
+"""Recipes: YAML files validated in full before any long step, into frozen dataclasses."""

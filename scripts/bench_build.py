@@ -31,7 +31,7 @@ CHILD = """
 import json, re, sys
 from pathlib import Path
 from mtpquant.pipeline import build as pipeline
-from mtpquant.recipe import model as recipe
+from mtpquant import recipe as recipe
 from mtpquant.llamacpp.toolchain import locate
 r = recipe.load(Path(sys.argv[1]))
 pipeline.build(r, Path(sys.argv[2]), locate(), force=True)

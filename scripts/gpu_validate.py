@@ -177,7 +177,7 @@ def model_spec(cfg: Cfg, kind: str, n_expert: int):
 def param_counts(spec) -> dict:
     from mtpquant import synth
 
-    plan = synth._plan(spec)
+    plan = synth.tensor_plan(spec)
     total = sum(math.prod(t.shape) for t in plan)
     exps = sum(math.prod(t.shape) for t in plan if "_exps." in t.name)
     nextn = sum(math.prod(t.shape) for t in plan if t.bid is not None and t.bid >= spec.n_layer)
@@ -188,7 +188,7 @@ def param_counts(spec) -> dict:
     bf16 = sum(math.prod(t.shape) * (4 if t.f32 else 2) for t in plan)
     real = dict(synth.PRESETS["qwen3.6-35b-a3b"])
     real_spec = synth.SynthSpec(name="real", **real)
-    rplan = synth._plan(real_spec)
+    rplan = synth.tensor_plan(real_spec)
     rtotal = sum(math.prod(t.shape) for t in rplan)
     rexps = sum(math.prod(t.shape) for t in rplan if "_exps." in t.name)
     ractive = rtotal - rexps + rexps // real_spec.n_expert * real_spec.n_expert_used
@@ -565,7 +565,7 @@ class Runner:
             before = srv.metrics()
             recs = []
             for req in reqs:
-                rec, before = sm._send(srv, req, label, before)
+                rec, before = sm.send(srv, req, label, before)
                 recs.append(rec)
             argv = srv.record_argv()
         synth_line = _grep(self.cfg.logs / f"server-{label}.log", "synthetic acceptance: n_max")
@@ -600,7 +600,7 @@ class Runner:
         from mtpquant.measure import smoke as sm
 
         prompts = sm.select_prompts(sm.load_suite(), n_prompts)
-        reqs = sm._requests(prompts, list(seeds), max_tokens, False)
+        reqs = sm.build_requests(prompts, list(seeds), max_tokens, False)
         reqs = [dataclasses.replace(r, id=f"{r.mode}/{r.prompt.id}/{1000 + i}", seed=1000 + i,
                                     body={**r.body, "seed": 1000 + i}) for i, r in enumerate(reqs)]
         if default_sampling:
@@ -796,7 +796,7 @@ def config_figs(vmap: dict, m: dict) -> dict:
     runs = m["runs"]
     # vanilla records may be compact (text hashed, timings flattened): compare both sides in the same form
     pairs = [(_as_full(vmap[(r["prompt"], r["seed"])]), _as_full(r)) for r in runs]
-    g = sm._mtp_group(pairs)
+    g = sm.mtp_group(pairs)
     ms = _sum(runs, "predicted_ms")
     n = _sum(runs, "predicted_n")
     d = sum(r["draft_n"] for r in runs)

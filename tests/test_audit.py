@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from helpers import flip_byte
-from mtpquant.cli.report import verify as verify_cmd
 
+from mtpquant.cli import main
 from mtpquant.core.errors import VerifyError
+from mtpquant.core.receipts import PublishReceipt
 from mtpquant.core.rundir import RunDir
 from mtpquant.report import card as cardmod
 from mtpquant.report.audit import verify_run
@@ -79,15 +80,15 @@ def test_changed_imatrix_names_the_file(copy):
 
 
 def test_cli_verify(copy):
-    res = CliRunner().invoke(verify_cmd, [str(copy.root), "-q"])
+    res = CliRunner().invoke(main, ["verify", str(copy.root), "-q"])
     assert res.exit_code == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "ok  3 file(s) match SHA256SUMS" and lines[-1] == f"verified {copy.root.resolve()}"
-    res = CliRunner().invoke(verify_cmd, [str(copy.root), "--json"])
+    res = CliRunner().invoke(main, ["verify", str(copy.root), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["ok"] is True
     name = receipt(copy, "quantize-Q4_K_M.json")["file"]
     flip_byte(copy.root / name, 1000)
-    res = CliRunner().invoke(verify_cmd, [str(copy.root)])
+    res = CliRunner().invoke(main, ["verify", str(copy.root)])
     assert res.exit_code == 1 and res.stdout == ""
     assert res.stderr.startswith(f"error: {name}: sha256 is ") and res.stderr.count("\n") == 1
 
@@ -220,8 +221,8 @@ def test_published_copy_with_split_file_verifies_through_its_shards(copy, toolch
     entries = {q["file"]: {"kind": "artifact", "size": q["bytes"], "sha256": q["sha256"], "path": None,
                            "shards": [{"path": f"split/{p.name}", "size": p.stat().st_size,
                                        "sha256": sha256_file(p)} for p in shards]}}
-    copy.write_receipt("publish", {"repo": "someone/card-test-GGUF", "split_max_size": 2 << 20,
-                                   "artifacts": entries, "files": [], "card": "README.md"})
+    copy.write(PublishReceipt(repo="someone/card-test-GGUF", split_max_size=2 << 20, artifacts=entries, files=[],
+                              card="README.md"))
     big.unlink()
     cardmod.write_card(copy)
     text = (copy.root / "README.md").read_text()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from mtpquant import recipe as rcp
 from mtpquant import synth
 from mtpquant.core.errors import MtpquantError, UsageError, VerifyError
 from mtpquant.core.files import sha256_file
 from mtpquant.modelfile.model import read_model
 from mtpquant.pipeline import build as pipeline
-from mtpquant.recipe import model as rcp
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "imatrix" / "codemath-chat-v1.txt"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
-from mtpquant.cli.report import card as card_cmd
 
+from mtpquant.cli import main
 from mtpquant.core.errors import CardError
 from mtpquant.core.rundir import RunDir
 from mtpquant.report import card as cardmod
@@ -261,17 +261,17 @@ def test_card_command(runs, tmp_path):
     run = copy_run(runs["measured"], tmp_path / "run")
     expected = readme(run)
     (run.root / "README.md").unlink()
-    res = CliRunner().invoke(card_cmd, [str(run.root), "--recipe", str(runs["recipe"].path)])
+    res = CliRunner().invoke(main, ["card", str(run.root), "--recipe", str(runs["recipe"].path)])
     assert res.exit_code == 0, res.output
     assert res.stdout == f"wrote {run.root.resolve() / 'README.md'}\n"
     assert readme(run) == expected
-    res = CliRunner().invoke(card_cmd, [str(run.root), "--stdout"])
+    res = CliRunner().invoke(main, ["card", str(run.root), "--stdout"])
     assert res.exit_code == 0 and res.stdout == expected
 
 
 def test_card_command_error_is_one_line(tmp_path):
     (tmp_path / "receipts").mkdir()
-    res = CliRunner().invoke(card_cmd, [str(tmp_path)])
+    res = CliRunner().invoke(main, ["card", str(tmp_path)])
     assert res.exit_code == 1
     assert res.stderr == (f"error: {tmp_path.resolve()}: no receipts/card.json and no recipe to take the card "
                           "settings from (give the recipe: `mtpquant card RUN_DIR --recipe FILE`)\n")

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from hubserver import HubServer
 
+from mtpquant import recipe as rc
 from mtpquant import synth
 from mtpquant.core.errors import ConvertError, UsageError
 from mtpquant.llamacpp import toolchain as tcm
 from mtpquant.modelfile.model import read_model
 from mtpquant.pipeline import build as pipeline
-from mtpquant.recipe import model as rc
 from mtpquant.sources import convert
 
 REPO = "mtpquant-test/tiny-mtp"

@@ -9,13 +9,15 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-from mtpquant.cli.main import Group
-from mtpquant.cli.measure import eval_ as eval_cmd
+from helpers import receipt_json, source_receipt
 
+from mtpquant.cli.app import Group
+from mtpquant.cli.cmd_measure import eval_ as eval_cmd
 from mtpquant.core.errors import EvalError
 from mtpquant.core.files import sha256_file
 from mtpquant.core.procs import run_tool
 from mtpquant.core.rundir import RunDir
+from mtpquant.llamacpp import perplexity
 from mtpquant.llamacpp.toolchain import Toolchain
 from mtpquant.measure import kld as ev
 
@@ -108,16 +110,16 @@ def test_missing_statistics_with_exit_code_0_is_retried_then_an_error(tmp_path):
 
 
 def test_statistics_cut_off_midway_are_an_error(tiny_pair, base, toolchain, tmp_path):
-    argv = ev.perplexity_argv(toolchain, tiny_pair["Q4_K_M"], ev.default_text(), CTX, CHUNKS, base.path, True)
+    argv = perplexity.perplexity_argv(toolchain, tiny_pair["Q4_K_M"], ev.default_text(), CTX, CHUNKS, base.path, True)
     for _ in range(3):  # the upstream log flush can lose the tail of a run; eval_variant retries the same way
-        r = run_tool(argv, log_path=tmp_path / "full.log", env=ev.perplexity_env())
+        r = run_tool(argv, log_path=tmp_path / "full.log", env=perplexity.perplexity_env())
         if "Same top p:" in r.stdout:
             break
-    full = ev.parse_kld_output(r.stdout)
+    full = perplexity.parse_kld_output(r.stdout)
     assert full["chunks_evaluated"] == CHUNKS
     cut = r.stdout[:r.stdout.index("Mean    KLD:")]
     with pytest.raises(EvalError) as e:
-        ev.parse_kld_output(cut + "====== KL divergence statistics ======\n", tmp_path / "x.log")
+        perplexity.parse_kld_output(cut + "====== KL divergence statistics ======\n", tmp_path / "x.log")
     assert e.value.one_line() == (f"llama-perplexity statistics lack kld_mean, same_top_pct; log: {tmp_path / 'x.log'}"
                                   " (its output was cut short; run the step again)")
 
@@ -128,17 +130,18 @@ def test_eval_run_writes_receipts_and_skips_unchanged_variants(tiny_pair, toolch
     (run.root / "source").mkdir()
     shutil.copy(tiny_pair["BF16"], run.root / "source" / "demo-BF16.gguf")
     shutil.copy(tiny_pair["Q4_K_M"], run.root / "demo-Q4_K_M.gguf")
-    run.write_receipt("source", {"file": "demo-BF16.gguf", "sha256": sha256_file(tiny_pair["BF16"])})
+    run.write(source_receipt("demo-BF16.gguf", sha256_file(tiny_pair["BF16"]),
+                             str(run.root / "source" / "demo-BF16.gguf")))
     run.write_manifest({"name": "demo"})
     run.write_sha256sums({"demo-Q4_K_M.gguf": sha256_file(tiny_pair["Q4_K_M"])})
     first = ev.eval_run(toolchain, run.root, ctx=CTX, chunks=CHUNKS)
-    receipt = run.read_receipt("eval", "Q4_K_M")
-    assert list(first) == ["Q4_K_M"] and receipt["kld_mean"] == first["Q4_K_M"]["kld_mean"]
+    receipt = receipt_json(run, "eval", "Q4_K_M")
+    assert list(first) == ["Q4_K_M"] and receipt["stats"]["kld_mean"] == first["Q4_K_M"].stats["kld_mean"]
     assert receipt["source_sha256"] == sha256_file(tiny_pair["BF16"]) and receipt["variant_sha256"]
     assert (run.logs / "eval-base.log").is_file() and (run.logs / "eval-Q4_K_M.log").is_file()
     assert len(list((run.work / "eval").glob("base-*.kld"))) == 1
     again = ev.eval_run(toolchain, run.root, ctx=CTX, chunks=CHUNKS)
-    assert again["Q4_K_M"]["written_at"] == receipt["written_at"]
+    assert again["Q4_K_M"] == first["Q4_K_M"] and receipt_json(run, "eval", "Q4_K_M") == receipt
 
 
 def _cli():

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from mtpquant.cli.main import Group
-from mtpquant.cli.measure import fit as fit_cmd
+from helpers import quantize_receipt
 
+from mtpquant.cli.app import Group
+from mtpquant.cli.cmd_measure import fit as fit_cmd
 from mtpquant.core.files import sha256_file
 from mtpquant.core.rundir import RunDir
 from mtpquant.measure import fit
@@ -283,8 +284,10 @@ def test_fit_run_writes_one_receipt_per_variant(tmp_path, tiny_pair):
 
 def test_run_dir_variant_names_come_from_quantize_receipts(tmp_path, tiny_pair):
     root = _run_dir(tmp_path, tiny_pair)
-    RunDir(root).write_receipt("quantize", {"file": "demo-Q4_K_M.gguf"}, tag="q4-mixed")
-    assert fit.run_artifacts(root) == [("q4-mixed", root / "demo-Q4_K_M.gguf")]
+    RunDir(root).write(quantize_receipt("demo-Q4_K_M.gguf"), "q4-mixed")
+    tables = fit.fit_run(root, vram_gb=[12], ctx=[4096], kv_types=["f16"])
+    assert list(tables) == ["q4-mixed"] and tables["q4-mixed"].file == "demo-Q4_K_M.gguf"
+    assert (root / "receipts" / "fit-q4-mixed.json").is_file()
 
 
 def _cli():

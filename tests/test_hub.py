@@ -12,14 +12,15 @@ import pytest
 import yaml
 from hubserver import HubServer
 
+from mtpquant import recipe as rc
 from mtpquant import synth
 from mtpquant.core.errors import HubError, IntegrityError, MtpquantError
 from mtpquant.core.rundir import RunDir
 from mtpquant.hub import client as hubm
 from mtpquant.modelfile.model import read_model
 from mtpquant.pipeline import build as pipeline
-from mtpquant.recipe import model as rc
-from mtpquant.sources import base as source
+from mtpquant.sources import registry as source
+from mtpquant.sources.base import SourceModel
 
 REPO = "mtpquant-test/tiny-mtp-GGUF"
 HF_REPO = "mtpquant-test/tiny-mtp"
@@ -69,7 +70,7 @@ def make_recipe(tmp_path: Path, hf: dict, **extra) -> rc.Recipe:
     return rc.load(path)
 
 
-def prepare(recipe: rc.Recipe, out: Path, progress=None) -> source.SourceModel:
+def prepare(recipe: rc.Recipe, out: Path, progress=None) -> SourceModel:
     run = RunDir(out)
     run.ensure()
     return source.prepare(recipe, run, progress or (lambda *a: None))

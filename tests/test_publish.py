@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import flip_byte
+from helpers import flip_byte, receipt_json
 from hubserver import Fault, HubServer, Reply
-from mtpquant.cli.publish import publish as publish_cmd
 
+from mtpquant.cli import main
 from mtpquant.core.errors import PublishError, UsageError, VerifyError
 from mtpquant.core.files import sha256_file
 from mtpquant.core.rundir import RunDir
@@ -110,12 +110,12 @@ def test_publish_then_rerun_uploads_nothing(run, hub):
 
 def test_publish_receipt_lists_artifacts_and_support_files(run, hub):
     pub.publish_run(run.root, REPO)
-    receipt = run.read_receipt("publish")
+    receipt = receipt_json(run, "publish")
     sums = run.read_sha256sums()
     assert receipt["repo"] == REPO and receipt["split_max_size"] == pub.DEFAULT_SPLIT_MAX_SIZE
     assert {name: a["sha256"] for name, a in receipt["artifacts"].items()} == sums
     assert all(a["path"] == name and a["shards"] == [] for name, a in receipt["artifacts"].items())
-    imatrix = run.read_receipt("imatrix")["file"]
+    imatrix = receipt_json(run, "imatrix")["file"]
     assert receipt["artifacts"][imatrix]["kind"] == "imatrix"
     listed = {f["path"]: f["sha256"] for f in receipt["files"]}
     assert set(listed) == {"SHA256SUMS", "manifest.json", "work/Q4_K_M.tensor-types.txt",
@@ -201,7 +201,7 @@ def test_artifact_over_the_limit_is_split_and_the_shards_are_proven(run, hub, tm
     files = hub_files(hub)
     assert big not in files and "card-test-Q4_K_M.gguf" in files and all(s in files for s in shards)
     assert all(files[s]["size"] <= SPLIT_AT for s in shards)
-    receipt = run.read_receipt("publish")["artifacts"][big]
+    receipt = receipt_json(run, "publish")["artifacts"][big]
     assert receipt["path"] is None and [s["path"] for s in receipt["shards"]] == shards
     assert [s["sha256"] for s in receipt["shards"]] == [files[s]["sha256"] for s in shards]
     assert receipt["sha256"] == run.read_sha256sums()[big]
@@ -252,7 +252,7 @@ def test_dry_run_names_the_shards_a_split_would_make(run, hub):
 
 def test_dry_run_prints_every_file_and_changes_nothing(run, hub):
     before = snapshot(run.root)
-    result = CliRunner().invoke(publish_cmd, [str(run.root), "--repo", REPO, "--dry-run"])
+    result = CliRunner().invoke(main, ["publish", str(run.root), "--repo", REPO, "--dry-run"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "dry run: nothing is uploaded and nothing is created"
@@ -276,7 +276,7 @@ def test_dry_run_after_publish_shows_everything_unchanged(run, hub):
 
 
 def test_cli_json_report(run, hub):
-    result = CliRunner().invoke(publish_cmd, [str(run.root), "--repo", REPO, "--json", "-q"])
+    result = CliRunner().invoke(main, ["publish", str(run.root), "--repo", REPO, "--json", "-q"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["repo"] == REPO and data["url"] == f"{hub.url}/{REPO}" and data["dry_run"] is False
@@ -287,13 +287,13 @@ def test_cli_json_report(run, hub):
 @pytest.mark.parametrize("given,bytes_", [("50G", 50 * 10**9), ("1500M", 1_500_000_000), ("3000000", 3_000_000),
                                           ("2mb", 2_000_000)])
 def test_split_size_option(given, bytes_):
-    from mtpquant.cli.publish import SizeType
+    from mtpquant.cli.cmd_publish import SizeType
 
     assert SizeType().convert(given, None, None) == bytes_
 
 
 def test_publish_help():
-    result = CliRunner().invoke(publish_cmd, ["--help"])
+    result = CliRunner().invoke(main, ["publish", "--help"])
     assert result.exit_code == 0 and "--repo OWNER/NAME" in result.output and "--dry-run" in result.output
 
 
@@ -370,7 +370,7 @@ def test_no_token(run, hub, monkeypatch):
 
 def test_cli_error_is_one_line_with_exit_code(run, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_one")
-    result = CliRunner().invoke(publish_cmd, [str(run.root), "--repo", REPO])
+    result = CliRunner().invoke(main, ["publish", str(run.root), "--repo", REPO])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and result.output.startswith(f"error: {hub.url} refused the token in ")
 
@@ -427,10 +427,10 @@ def test_token_never_appears_in_output_logs_or_files(run, hub, monkeypatch, capl
     hf_logging.set_verbosity_debug()  # huggingface_hub's own log lines (its handler writes to stderr)
     try:
         runner = CliRunner()
-        outputs = [runner.invoke(publish_cmd, [str(run.root), "--repo", REPO, *args]).output
+        outputs = [runner.invoke(main, ["publish", str(run.root), "--repo", REPO, *args]).output
                    for args in (["--dry-run"], [], ["--json"], ["--split-max-size", str(SPLIT_AT)])]
         monkeypatch.setenv("HF_TOKEN", TOKEN + "x")  # a refused token is not shown either
-        outputs.append(runner.invoke(publish_cmd, [str(run.root), "--repo", REPO]).output)
+        outputs.append(runner.invoke(main, ["publish", str(run.root), "--repo", REPO]).output)
     finally:
         hf_logging.set_verbosity(verbosity)
     captured = capfd.readouterr()

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from mtpquant import recipe as rcp
 from mtpquant.core.errors import RecipeError, UsageError
-from mtpquant.recipe import model as rcp
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mtpquant.cli.smoke import smoke as smoke_cmd
-from mtpquant.cli.smoke import table
+from helpers import receipt_json
 
 from mtpquant import synth
+from mtpquant.cli.cmd_smoke import smoke as smoke_cmd
+from mtpquant.cli.cmd_smoke import table
 from mtpquant.core.errors import GateError, UsageError
 from mtpquant.core.rundir import RunDir
 from mtpquant.measure import smoke as sm
-from mtpquant.recipe.model import Gates, SmokeSpec
+from mtpquant.measure.smoke import context, stats, suite
+from mtpquant.recipe import Gates, SmokeSpec
 
 # Designed acceptance: every chat request enters the designed cycle at the same token, so the server's counters
 # equal synth's replay exactly; over a finite run (32 tokens) that value sits within TOLERANCE of the designed
@@ -28,15 +30,15 @@ TOLERANCE = 0.03
 DESIGNED = synth.SynthSpec(name="designed", designed=synth.Designed(alpha=ALPHA, k=K))
 
 
-def small_suite(n: int = 2) -> list[sm.Prompt]:
+def small_suite(n: int = 2) -> list[suite.Prompt]:
     """Prompts whose raw text ends right on a designed-cycle character, so raw requests enter the cycle at
     different positions (chat requests always enter at the same one: the template ends in a newline)."""
     out = []
     chars = iter(synth.CYCLE_CHARS[1:])
-    for cat in sm.CATEGORIES:
+    for cat in suite.CATEGORIES:
         for i in range(n):
             ch = next(chars) if cat != "general" else synth.CYCLE_CHARS[26 + i]  # some upper-case starts too
-            out.append(sm.Prompt(f"{cat}-{i}", cat, (("user", f"Tell me about {cat} topic {i}."),),
+            out.append(suite.Prompt(f"{cat}-{i}", cat, (("user", f"Tell me about {cat} topic {i}."),),
                                  f"Sequence {cat} {i}:{ch}"))
     return out
 
@@ -51,39 +53,39 @@ def models(tmp_path_factory) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------- statistics
 
 def test_bootstrap_constant_array_has_a_zero_width_ci():
-    assert sm.bootstrap_ci(sm.mean, [np.full(30, 2.5)]) == (2.5, 2.5)
+    assert stats.bootstrap_ci(stats.mean, [np.full(30, 2.5)]) == (2.5, 2.5)
 
 
 def test_bootstrap_mean_of_a_fair_coin():
     x = np.array([0.0, 1.0] * 50)  # mean 0.5, standard error 0.05: 95% CI about 0.40-0.60
-    lo, hi = sm.bootstrap_ci(sm.mean, [x])
+    lo, hi = stats.bootstrap_ci(stats.mean, [x])
     assert lo == pytest.approx(0.40, abs=0.02) and hi == pytest.approx(0.60, abs=0.02)
-    assert sm.bootstrap_ci(sm.mean, [x]) == (lo, hi)  # fixed RNG seed: same answer every time
+    assert stats.bootstrap_ci(stats.mean, [x]) == (lo, hi)  # fixed RNG seed: same answer every time
     y = np.linspace(0, 1, 37) ** 2
-    assert sm.bootstrap_ci(sm.mean, [y], seed=1) != sm.bootstrap_ci(sm.mean, [y])
+    assert stats.bootstrap_ci(stats.mean, [y], seed=1) != stats.bootstrap_ci(stats.mean, [y])
 
 
 def test_bootstrap_ratio_of_sums_resamples_units_jointly():
     accepted = np.array([3, 6, 9, 12])
     drafted = np.array([4, 8, 12, 16])  # every unit accepts 3/4, so every resample does too
-    assert sm.figure(sm.ratio_of_sums, (accepted, drafted)) == {"value": 0.75, "ci95": [0.75, 0.75]}
+    assert stats.figure(stats.ratio_of_sums, (accepted, drafted)) == {"value": 0.75, "ci95": [0.75, 0.75]}
 
 
 def test_ratio_of_sums_without_drafts_is_undefined():
     zeros = np.zeros(5)
-    assert sm.bootstrap_ci(sm.ratio_of_sums, [zeros, zeros]) is None
-    assert sm.figure(sm.ratio_of_sums, (zeros, zeros)) == {"value": None, "ci95": None}
+    assert stats.bootstrap_ci(stats.ratio_of_sums, [zeros, zeros]) is None
+    assert stats.figure(stats.ratio_of_sums, (zeros, zeros)) == {"value": None, "ci95": None}
 
 
 def test_geometric_mean_speedup():
-    assert sm.figure(sm.geomean_ratio, (np.array([2.0, 8.0]), np.array([1.0, 1.0])))["value"] == 4.0
-    lo, hi = sm.bootstrap_ci(sm.geomean_ratio, [np.array([2.0, 8.0]), np.ones(2)])
+    assert stats.figure(stats.geomean_ratio, (np.array([2.0, 8.0]), np.array([1.0, 1.0])))["value"] == 4.0
+    lo, hi = stats.bootstrap_ci(stats.geomean_ratio, [np.array([2.0, 8.0]), np.ones(2)])
     assert (lo, hi) == (pytest.approx(2.0), pytest.approx(8.0))  # both units drawn twice, either way
 
 
 def test_percentile_interval_on_a_known_spread():
     x = np.arange(1000, dtype=float)
-    lo, hi = sm.bootstrap_ci(sm.mean, [x], resamples=4000)
+    lo, hi = stats.bootstrap_ci(stats.mean, [x], resamples=4000)
     se = x.std() / np.sqrt(len(x))
     assert lo == pytest.approx(x.mean() - 1.96 * se, rel=0.01) and hi == pytest.approx(x.mean() + 1.96 * se, rel=0.01)
 
@@ -91,16 +93,16 @@ def test_percentile_interval_on_a_known_spread():
 # ----------------------------------------------------------------------------------------------- prompt suite
 
 def test_shipped_suite():
-    suite = sm.load_suite()
-    assert len(suite) >= 50
-    assert {p.category for p in suite} == set(sm.CATEGORIES)
-    assert len({p.id for p in suite}) == len(suite)
+    shipped = suite.load_suite()
+    assert len(shipped) >= 50
+    assert {p.category for p in shipped} == set(suite.CATEGORIES)
+    assert len({p.id for p in shipped}) == len(shipped)
 
 
 def test_selection_interleaves_categories():
-    picked = sm.select_prompts(small_suite(3), 4)
+    picked = suite.select_prompts(small_suite(3), 4)
     assert [p.id for p in picked] == ["code-0", "math-0", "general-0", "code-1"]
-    assert sm.select_prompts(small_suite(1), None) == small_suite(1)
+    assert suite.select_prompts(small_suite(1), None) == small_suite(1)
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -118,7 +120,7 @@ def test_bad_suite_lines(tmp_path, line, problem):
     f = tmp_path / "suite.jsonl"
     f.write_text(line + "\n")
     with pytest.raises(UsageError) as exc:
-        sm.load_suite(f)
+        suite.load_suite(f)
     assert exc.value.message == f"{f}:1: {problem}"
 
 
@@ -127,7 +129,7 @@ def test_duplicate_ids(tmp_path):
     line = json.dumps({"id": "a", "category": "code", "messages": [{"role": "user", "content": "x"}], "prompt": "x"})
     f.write_text(line + "\n" + line + "\n")
     with pytest.raises(UsageError) as exc:
-        sm.load_suite(f)
+        suite.load_suite(f)
     assert exc.value.message == f"{f}:2: duplicate id 'a'"
 
 
@@ -201,7 +203,7 @@ def test_designed_acceptance(toolchain, models, tmp_path):
 
     # per category, per seed, per position, mean accepted length
     g = r["results"]["chat"]["k"][str(K)]
-    assert set(g["per_category"]) == set(sm.CATEGORIES) and set(g["per_seed"]) == {"42", "7"}
+    assert set(g["per_category"]) == set(suite.CATEGORIES) and set(g["per_seed"]) == {"42", "7"}
     assert g["per_seed"]["7"]["acceptance"]["value"] == pytest.approx(designed, abs=1e-4)
     assert g["overall"]["draft_steps"] == sum(x["draft_steps"] for x in chat)
     assert g["overall"]["mean_accepted_length"]["value"] == pytest.approx(
@@ -218,12 +220,12 @@ def test_designed_acceptance(toolchain, models, tmp_path):
         "messages": [{"role": "user", "content": "Tell me about code topic 0."}], "max_tokens": MAX_TOKENS,
         "temperature": 0.0, "top_k": 1, "seed": 42, "cache_prompt": False, "stream": False}}
     assert not any("speculative" in json.dumps(q["body"]) for q in r["requests"])
-    assert r["settings"]["bootstrap"]["resamples"] == sm.BOOTSTRAP_RESAMPLES
+    assert r["settings"]["bootstrap"]["resamples"] == stats.BOOTSTRAP_RESAMPLES
     json.dumps(r)  # a receipt must serialise
 
     # long context at the best k: the designed head still agrees
     row = r["context_sweep"]["rows"][0]
-    assert row["prompt_tokens"] >= 300 - sm.LONG_RESERVE and row["acceptance"] == pytest.approx(designed, abs=1e-4)
+    assert row["prompt_tokens"] >= 300 - context.LONG_RESERVE and row["acceptance"] == pytest.approx(designed, abs=1e-4)
 
     # a gate above the designed fraction fails with the figure and its CI
     with pytest.raises(GateError) as exc:
@@ -290,7 +292,7 @@ def test_cli_on_a_run_directory(toolchain, models, tmp_path):
     out = json.loads(res.stdout)
     assert sorted(out) == ["Q4_K_M", "Q8_0"]
     for tag, sha, passed in (("Q8_0", "a" * 64, True), ("Q4_K_M", "c" * 64, False)):
-        receipt = run.read_receipt("smoke", tag)
+        receipt = receipt_json(run, "smoke", tag)
         assert receipt["step"] == "smoke" and receipt["variant"] == tag
         assert receipt["model"] == {"file": f"demo-{tag}.gguf", "sha256": sha,
                                     "bytes": models["designed"].stat().st_size}
@@ -320,9 +322,9 @@ def test_bootstrap_resamples_prompts_not_replicated_seeds():
     accepted = np.repeat([10.0, 20.0, 30.0, 40.0], 3)
     drafted = np.full(12, 50.0)
     prompts = np.repeat(["p1", "p2", "p3", "p4"], 3).tolist()
-    clustered = sm.figure(sm.ratio_of_sums, (accepted, drafted), clusters=prompts)
-    per_prompt = sm.figure(sm.ratio_of_sums, ([10.0, 20.0, 30.0, 40.0], [50.0] * 4))
-    naive = sm.figure(sm.ratio_of_sums, (accepted, drafted))
+    clustered = stats.figure(stats.ratio_of_sums, (accepted, drafted), clusters=prompts)
+    per_prompt = stats.figure(stats.ratio_of_sums, ([10.0, 20.0, 30.0, 40.0], [50.0] * 4))
+    naive = stats.figure(stats.ratio_of_sums, (accepted, drafted))
     assert clustered == per_prompt  # seeds folded into their prompt: the same figure as one unit per prompt
     assert clustered["value"] == naive["value"] == 0.5
     width = lambda f: f["ci95"][1] - f["ci95"][0]  # noqa: E731

@@ -4,15 +4,7 @@
 import click
 
 from mtpquant import __version__
-from mtpquant.cli import (
-    cmd_build,
-    cmd_measure,
-    cmd_models,
-    cmd_publish,
-    cmd_report,
-    cmd_smoke,
-    cmd_toolchain,
-)
+from mtpquant.cli import cmd_build, cmd_measure, cmd_models, cmd_publish, cmd_report, cmd_smoke, cmd_toolchain
 from mtpquant.cli.app import Group
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import signal
 import sys
@@ -23,6 +24,15 @@ def error_line(exc: MtpquantError) -> str:
     return exc.one_line() if isinstance(exc, (RecipeError, Interrupted)) else f"error: {exc.one_line()}"
 
 
+def os_error_line(exc: OSError) -> str:
+    """`<path>: <what the system said>` (and the second path of a rename or link)."""
+    what = exc.strerror or str(exc)
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    hint = {errno.ENOSPC: "free some space and run again", errno.EROFS: "choose a writable --out",
+            errno.EACCES: "check the folder's permissions or choose another --out"}.get(exc.errno)
+    return f"{' -> '.join(paths) + ': ' if paths else ''}{what}" + (f" ({hint})" if hint else "")
+
+
 class Group(click.Group):
     """The one error map: typed errors become one line on stderr and their exit code; SIGTERM and SIGHUP unwind
     like Ctrl-C so every child process is stopped; unknown exceptions stay bugs with a traceback."""
@@ -37,6 +47,9 @@ class Group(click.Group):
             except KeyboardInterrupt:
                 click.echo(ctx.meta.get("mtpquant.interrupted", INTERRUPTED), err=True)
                 ctx.exit(130)
+            except OSError as exc:  # the machine's state (a full or read-only disk, permissions), not a bug
+                click.echo(f"error: {os_error_line(exc)}", err=True)
+                ctx.exit(1)
 
 
 @contextlib.contextmanager

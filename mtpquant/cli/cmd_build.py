@@ -6,19 +6,11 @@ from pathlib import Path
 
 import click
 
-from mtpquant.cli.app import (
-    bars,
-    emit,
-    fmt_bytes,
-    json_option,
-    llama_cpp_option,
-    quiet_option,
-    toolchain,
-)
+from mtpquant.cli.app import bars, emit, fmt_bytes, json_option, llama_cpp_option, quiet_option, toolchain
 from mtpquant.measure.fit import fit_from_plan, format_table
 from mtpquant.pipeline.build import build
-from mtpquant.pipeline.plan import make_plan
-from mtpquant.recipe.model import load as load_recipe
+from mtpquant.pipeline.plan import plan_only
+from mtpquant.recipe import load as load_recipe
 
 
 def _default_out(recipe) -> Path:
@@ -27,7 +19,8 @@ def _default_out(recipe) -> Path:
 
 @click.command("plan")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default out/<name>).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Plan in this run directory (locked like a build); default: a scratch folder removed afterwards.")
 @click.option("--stand-in", "use_stand_in", is_flag=True,
               help="Plan against a header-only twin of the real model (expect.shape): nothing is downloaded.")
 @click.option("--tensors/--no-tensors", default=True, help="List every tensor (always in --json).")
@@ -36,12 +29,17 @@ def _default_out(recipe) -> Path:
 @quiet_option
 def plan_cmd(recipe_path, out, use_stand_in, tensors, llama_cpp, as_json, quiet) -> None:
     """Validate a recipe and show, per variant, every tensor's planned type, size, imatrix needs and GPU fit."""
-
     r = load_recipe(recipe_path)
     tc = toolchain(llama_cpp)
-    default_out = Path("out") / (f"{r.name}-stand-in" if use_stand_in else r.name)
-    with bars(quiet) as progress:
-        plan = make_plan(r, out or default_out, tc, progress, use_stand_in=use_stand_in)
+    with bars(quiet) as progress, plan_only(r, out, tc, progress, use_stand_in) as plan:
+        data, text = _plan_report(plan, tensors)
+    if out is None:
+        data["out"] = None  # a scratch folder, gone now
+    emit(data, as_json, text)
+
+
+def _plan_report(plan, tensors: bool) -> tuple[dict, str]:
+    r = plan.recipe
     data = plan.to_json()
     fits = {v.variant.tag: fit_from_plan(plan.source.info, v.tensors, r.fit.vram_gb, r.fit.ctx, r.fit.kv)
             for v in plan.variants}
@@ -59,7 +57,7 @@ def plan_cmd(recipe_path, out, use_stand_in, tensors, llama_cpp, as_json, quiet)
             need = " [imatrix]" if t.needs_imatrix else ""
             lines.append(f"  {t.name:<44} {t.source_type:>5} -> {t.type:<8} {t.bytes:>12}{need}{mark}")
         lines.append(format_table(fits[v.variant.tag]))
-    emit(data, as_json, "\n".join(lines))
+    return data, "\n".join(lines)
 
 
 @click.command("build")

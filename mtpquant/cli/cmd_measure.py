@@ -6,14 +6,7 @@ from pathlib import Path
 
 import click
 
-from mtpquant.cli.app import (
-    bars,
-    emit,
-    json_option,
-    llama_cpp_option,
-    quiet_option,
-    toolchain,
-)
+from mtpquant.cli.app import bars, emit, json_option, llama_cpp_option, quiet_option, toolchain
 from mtpquant.core.errors import UsageError
 from mtpquant.core.paths import cache_root
 from mtpquant.measure import fit as fitmod
@@ -57,7 +50,7 @@ def fit(target, vram, ctx_list, kv, mtp, parallel, reserve, as_json) -> None:
         raise UsageError("--parallel must be at least 1 and --reserve at least 0")
     settings = fitmod.ServerSettings(parallel=parallel, reserve_mib=reserve)
     if target.is_dir():
-        tables = fitmod.fit_run(target, sizes, ctxs, kvs, mtp, settings)
+        tables = {tag: r.body() for tag, r in fitmod.fit_run(target, sizes, ctxs, kvs, mtp, settings).items()}
         text = "\n\n".join(f"{t['file']} ({tag}):\n{fitmod.format_table(t)}" for tag, t in tables.items())
         emit(tables, as_json, text + f"\n\nreceipts: {target / 'receipts'}/fit-*.json")
         return
@@ -87,7 +80,8 @@ def eval_(target, source, text, ctx, chunks, threads, force, llama_cpp, as_json,
         with bars(quiet) as progress:
             results = ev.eval_run(tc, target, source, text, ctx, chunks, threads=threads, force=force,
                                   progress=progress)
-        emit(results, as_json, ev.format_results(results) + f"\nreceipts: {target / 'receipts'}/eval-*.json")
+        bodies = {tag: r.body() for tag, r in results.items()}
+        emit(bodies, as_json, ev.format_results(bodies) + f"\nreceipts: {target / 'receipts'}/eval-*.json")
         return
     if target.suffix != ".gguf":
         raise UsageError(f"{target}: not a .gguf file or a run directory", "give a variant GGUF or a run directory")

@@ -8,13 +8,7 @@ from pathlib import Path
 
 import click
 
-from mtpquant.cli.app import (
-    bars,
-    json_option,
-    llama_cpp_option,
-    quiet_option,
-    toolchain,
-)
+from mtpquant.cli.app import bars, json_option, llama_cpp_option, quiet_option, toolchain
 from mtpquant.report import publish as pub
 
 SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)b?\s*$", re.IGNORECASE)

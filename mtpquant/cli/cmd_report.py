@@ -7,15 +7,9 @@ from pathlib import Path
 
 import click
 
-from mtpquant.cli.app import (
-    bars,
-    json_option,
-    llama_cpp_option,
-    quiet_option,
-    toolchain,
-)
+from mtpquant.cli.app import bars, json_option, llama_cpp_option, quiet_option, toolchain
 from mtpquant.core.rundir import RunDir
-from mtpquant.recipe.model import load as load_recipe
+from mtpquant.recipe import load as load_recipe
 from mtpquant.report import audit
 from mtpquant.report import card as cardmod
 

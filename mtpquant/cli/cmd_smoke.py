@@ -8,18 +8,13 @@ from pathlib import Path
 
 import click
 
-from mtpquant.cli.app import (
-    bars,
-    json_option,
-    llama_cpp_option,
-    quiet_option,
-    toolchain,
-)
+from mtpquant.cli.app import bars, json_option, llama_cpp_option, quiet_option, toolchain
 from mtpquant.core.errors import GateError, UsageError
 from mtpquant.core.paths import cache_root
+from mtpquant.core.receipts import SmokeReceipt
 from mtpquant.core.rundir import RunDir
 from mtpquant.measure import smoke as sm
-from mtpquant.recipe.model import SmokeSpec
+from mtpquant.recipe import SmokeSpec
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
@@ -70,10 +65,11 @@ def smoke(target, ks, seeds, prompts, max_tokens, raw, llama_cpp, as_json, quiet
     with bars(quiet) as progress:
         if run is not None:
             try:
-                results = sm.smoke_run(tc, run, spec, progress, artifacts=artifacts, spec_source=spec_source)
+                receipts = sm.smoke_run(tc, run, spec, progress, artifacts=artifacts, spec_source=spec_source)
             except GateError as exc:  # the receipts are written; show what was measured, then fail
                 error = exc
-                results = {a.variant: run.read_receipt("smoke", a.variant) for a in artifacts}
+                receipts = {a.variant: run.read(SmokeReceipt, a.variant) for a in artifacts}
+            results = {tag: r.body() for tag, r in receipts.items() if r is not None}
         else:
             results = {target.stem: sm.smoke_model(tc, target, spec, cache_root() / "logs", progress,
                                                     log_prefix=f"smoke-{target.stem}", spec_source=spec_source)}

@@ -36,6 +36,10 @@ class RecipeError(UsageError):
         return self.message
 
 
+class ReceiptError(MtpquantError):
+    """A receipt that cannot be read as its kind: unreadable, of another kind or version, or missing fields."""
+
+
 class GGUFReadError(UsageError):
     """A file that is not a readable GGUF (missing, truncated, corrupt, not GGUF)."""
 

@@ -59,18 +59,26 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def plain_json(value):
+    """A value as JSON gives it back (tuples as lists, paths as strings): what a receipt reads like when reloaded."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def sha256_json(data) -> str:
     """A stable digest of a JSON-able value (keys sorted)."""
     return sha256_bytes(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
 def remove_stale_incomplete(folder: Path) -> list[Path]:
-    """Delete `.incomplete` leftovers of killed runs; return what was removed."""
+    """Delete the `.incomplete` leftovers of killed runs anywhere under `folder`; return what was removed.
+
+    Callers hold the folder's lock, so no live writer's temporary file is among them."""
     removed = []
     if folder.is_dir():
-        for p in folder.glob(".*.incomplete"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+        for p in folder.rglob(".*.incomplete*"):
+            if p.is_file() or p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed
 
 

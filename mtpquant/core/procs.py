@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -14,6 +17,17 @@ from pathlib import Path
 from mtpquant.core.errors import ToolError
 
 TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: children still get their own process group
+        return None
+
+
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -76,10 +90,8 @@ def run_tool(
         stream.close()
 
     try:
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, errors="replace", cwd=cwd, env=env, bufsize=1,
-        )
+        proc = spawn(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=cwd,
+                     env=env, bufsize=1)
     except FileNotFoundError as exc:
         if log:
             log.close()
@@ -93,9 +105,9 @@ def run_tool(
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _stop(proc)
+        stop(proc)
     except BaseException:
-        _stop(proc)
+        stop(proc)
         raise
     finally:
         for t in threads:
@@ -108,13 +120,54 @@ def run_tool(
     return ToolRun(tuple(args), proc.returncode, "\n".join(out_lines), log_path)
 
 
-def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """terminate -> wait -> kill."""
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGKILL when the parent dies, so a killed mtpquant leaves no tool running."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(argv: list[str], **popen) -> subprocess.Popen:
+    """Start a program from an argv list (never a shell), stdin closed, in its own process group, and tied to this
+    process's life (Linux: PR_SET_PDEATHSIG), so no child outlives mtpquant however mtpquant ends."""
+    return subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_parent if _PRCTL is not None else None, **popen)
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """terminate -> wait -> kill, for the child and anything it started in its process group."""
     if proc.poll() is not None:
         return
-    proc.terminate()
+    _signal_group(proc, signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _signal_group(proc, signal.SIGKILL)
         proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def capture(argv: list, timeout: float = 60.0) -> tuple[int | None, str]:
+    """Run a short command (a probe) and return its exit code and combined output; None when it could not run or
+    timed out, with the reason as the output."""
+    try:
+        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    except OSError as exc:
+        return None, str(exc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        return None, f"{Path(str(argv[0])).name} timed out after {timeout:g} s"
+    except BaseException:
+        stop(proc)
+        raise
+    return proc.returncode, out

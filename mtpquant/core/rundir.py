@@ -5,15 +5,32 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import time
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtpquant import __version__
-from mtpquant.core.errors import UsageError
+from mtpquant.core import receipts
+from mtpquant.core.errors import UsageError, VerifyError
 from mtpquant.core.files import SPLIT_RE, write_json_atomic, write_text_atomic
+from mtpquant.core.receipts import R, Receipt
 
 SCHEMA = 1
+
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a listed file name could leave the run directory or mislead a reader, or None when it is a plain
+    relative name."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if any(part in ("..", ".", "") for part in name.split("/")):
+        return "has '..', '.' or empty parts"
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch in "\\\x85\u2028\u2029" for ch in name):
+        return "has a control character, a backslash or a line separator"
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,33 +65,16 @@ class RunDir:
 
     def ensure(self) -> None:
         for p in (self.root, self.receipts, self.logs, self.work):
+            if p.exists() and not p.is_dir():
+                raise UsageError(f"{p} is a file, not a run directory", "give --out a folder (new or a run's)")
             p.mkdir(parents=True, exist_ok=True)
 
-    def receipt_path(self, step: str, tag: str | None = None) -> Path:
-        return self.receipts / (f"{step}-{tag}.json" if tag else f"{step}.json")
+    def read(self, kind: type[R], variant: str | None = None, *, stale_ok: bool = False) -> R | None:
+        """The typed receipt of a kind (and variant), None if there is none (see core.receipts.read)."""
+        return receipts.read(self.receipts, kind, variant, stale_ok=stale_ok)
 
-    def read_receipt(self, step: str, tag: str | None = None) -> dict | None:
-        p = self.receipt_path(step, tag)
-        try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{p}: unreadable receipt ({exc})", "delete it, or rerun with --force") from None
-
-    def write_receipt(self, step: str, data: dict, tag: str | None = None) -> Path:
-        p = self.receipt_path(step, tag)
-        body = {"schema": SCHEMA, "step": step, "variant": tag, "mtpquant": __version__,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
-        write_json_atomic(p, body)
-        return p
-
-    def all_receipts(self) -> dict[str, dict]:
-        out = {}
-        if self.receipts.is_dir():
-            for p in sorted(self.receipts.glob("*.json")):
-                out[p.name] = json.loads(p.read_text())
-        return out
+    def write(self, receipt: Receipt, variant: str | None = None) -> Path:
+        return receipts.write(self.receipts, receipt, variant)
 
     def read_manifest(self) -> dict:
         try:
@@ -92,13 +92,25 @@ class RunDir:
         return p
 
     def read_sha256sums(self) -> dict[str, str]:
+        """{file: sha256} from SHA256SUMS; a name that could leave the run directory is refused in one line."""
         p = self.root / "SHA256SUMS"
         out = {}
-        if p.is_file():
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    sha, _, name = line.partition("  ")
-                    out[name.strip()] = sha.strip()
+        if not p.is_file():
+            return out
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VerifyError(f"{p}: unreadable ({exc})", "rebuild the run (mtpquant build)") from None
+        for no, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            sha, sep, name = line.partition("  ")
+            if not sep or not SHA256_RE.match(sha) or not name:
+                raise VerifyError(f"{p}:{no}: not a '<sha256>  <file>' line", "rebuild the run (mtpquant build)")
+            if problem := unsafe_name(name):
+                raise VerifyError(f"{p}:{no}: {name!r} {problem}",
+                                  "SHA256SUMS may list only files inside the run directory; rebuild the run")
+            out[name] = sha
         return out
 
     def artifacts(self) -> list[Artifact]:
@@ -113,9 +125,10 @@ class RunDir:
                              "give a .gguf file or a finished run directory")
         tags = {}
         for p in sorted(self.receipts.glob("quantize-*.json")) if self.receipts.is_dir() else []:
-            r = self.read_receipt("quantize", p.stem.removeprefix("quantize-")) or {}
-            if r.get("file"):
-                tags[r["file"]] = r.get("variant") or p.stem.removeprefix("quantize-")
+            tag = p.stem.removeprefix("quantize-")
+            r = self.read(receipts.QuantizeReceipt, tag, stale_ok=True)
+            if r is not None:
+                tags[r.file] = tag
         name = self.read_manifest().get("name")
         out = []
         for fname in sorted(sums):

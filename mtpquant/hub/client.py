@@ -421,7 +421,7 @@ def read_gguf_header(fetch) -> dict:
     found: dict = {}
     items = iter_metadata(cursor)
     next(items)
-    for key, value in items:
+    for key, value, _ in items:
         found[key] = value
         arch = found.get("general.architecture")
         if arch and f"{arch}.block_count" in found and f"{arch}.nextn_predict_layers" in found:

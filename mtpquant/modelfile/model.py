@@ -10,13 +10,7 @@ import gguf
 
 from mtpquant.core.errors import GGUFReadError
 from mtpquant.core.files import SPLIT_RE
-from mtpquant.modelfile.header import (
-    Header,
-    LongArray,
-    field_int,
-    ggml_type_name,
-    read_header,
-)
+from mtpquant.modelfile.header import Header, LongArray, field_int, ggml_type_name, read_header
 
 NEXTN_REQUIRED = ("nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight", "nextn.shared_head_norm.weight")
 NEXTN_OPTIONAL = ("nextn.embed_tokens.weight", "nextn.shared_head_head.weight")

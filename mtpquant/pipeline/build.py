@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtpquant.core.errors import GateError
-from mtpquant.core.files import (
-    incomplete_path,
-    remove_stale_incomplete,
-    sha256_file,
-    sha256_json,
-)
+from mtpquant.core.files import atomic_path, incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
 from mtpquant.core.progress import ProgressFn, no_progress
-from mtpquant.core.rundir import RunDir, locked
+from mtpquant.core.receipts import ImatrixReceipt, QuantizeReceipt
+from mtpquant.core.rundir import Artifact, RunDir, locked
+from mtpquant.core.steps import Done, Step, run_step
 from mtpquant.llamacpp.imatrix import ImatrixResult, compute_args, compute_imatrix
 from mtpquant.llamacpp.quantize import run_quantize
 from mtpquant.llamacpp.toolchain import Toolchain
@@ -26,7 +25,7 @@ from mtpquant.quant import coverage as imx
 from mtpquant.quant.keys import quantize_key
 from mtpquant.quant.plan import VariantPlan
 from mtpquant.quant.verify import verify_output
-from mtpquant.recipe.model import Recipe
+from mtpquant.recipe import Recipe
 from mtpquant.report import card
 
 
@@ -47,99 +46,108 @@ class BuildResult:
     extra: dict = field(default_factory=dict)
 
 
-def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> ImatrixResult | None:
-    """Compute (once per source, corpus, arguments and toolchain) or load the imatrix, then check coverage."""
-    spec, run = plan.recipe.imatrix, plan.run
+def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> tuple[ImatrixResult | None, Done | None]:
+    """The pinned imatrix, or the computed one (once per source, corpus, arguments and toolchain); then coverage."""
+    spec = plan.recipe.imatrix
     if spec.kind == "none":
-        return None
+        return None, None
+    done = None
     if spec.kind == "file":
         result = imx.load_pinned(plan.imatrix.path, spec.sha256)
     else:
-        corpus_sha = sha256_file(spec.corpus)
-        key = sha256_json({"source": plan.source.sha256, "corpus": corpus_sha, "chunks": spec.chunks,
-                           "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": plan.toolchain_key})
-        previous = run.read_receipt("imatrix") or {}
+        done = run_step(plan.run, imatrix_step(plan, progress), force)
         dest = plan.imatrix.path
-        if not force and previous.get("input_key") == key and dest.is_file() \
-                and sha256_file(dest) == previous.get("sha256"):
-            result = ImatrixResult(dest, previous["sha256"], read_imatrix(dest), reused=True)
-        else:
-            started = time.monotonic()
-            result = compute_imatrix(plan.toolchain, plan.source.path, spec.corpus, dest, spec.chunks, spec.ctx,
-                                 spec.nextn, run.logs / "imatrix.log", progress)
-            run.write_receipt("imatrix", {
-                "input_key": key, "file": dest.name, "sha256": result.sha256,
-                "corpus": str(spec.corpus), "corpus_sha256": corpus_sha, "chunks": spec.chunks,
-                "ctx": spec.ctx, "nextn": spec.nextn, "seconds": round(time.monotonic() - started, 3),
-                "datasets": list(result.info.datasets), "chunk_count": result.info.chunk_count,
-                "entries": len(result.info.entries), "n_layer_nextn": result.info.n_layer_nextn,
-                "nextn_entries": [e for e in result.info.entries
-                                  if e.startswith(tuple(f"blk.{b}." for b in plan.source.info.nextn.blocks))],
-                "command": ["llama-imatrix", *map(str, compute_args(plan.source.path, spec.corpus, dest,
-                                                                          spec.chunks, spec.ctx, spec.nextn))],
-                "toolchain": plan.toolchain.describe(),
-            })
+        result = ImatrixResult(dest, done.receipt.sha256, read_imatrix(dest), reused=done.skipped)
     imx.check_coverage({v.variant.tag: [n for n in v.needing_imatrix() if n not in v.pins] for v in plan.variants},
                        result.info)
-    return result
+    return result, done
+
+
+def imatrix_step(plan: Plan, progress: ProgressFn) -> Step:
+    """llama-imatrix over the corpus, run in work/ on a copy named like the corpus: the dataset name it writes
+    into the imatrix (and llama-quantize into every variant) is the file name, never a machine's folders."""
+    spec, run = plan.recipe.imatrix, plan.run
+    corpus_sha = sha256_file(spec.corpus)
+    key = sha256_json({"source": plan.source.sha256, "corpus": corpus_sha, "corpus_name": spec.corpus.name,
+                       "chunks": spec.chunks, "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": plan.toolchain_key})
+    dest = plan.imatrix.path
+
+    def compute() -> ImatrixReceipt:
+        started = time.monotonic()
+        corpus = run.work / spec.corpus.name
+        with atomic_path(corpus) as tmp:
+            shutil.copyfile(spec.corpus, tmp)
+        result = compute_imatrix(plan.toolchain, plan.source.path.absolute(), Path(corpus.name), dest,
+                                 spec.chunks, spec.ctx, spec.nextn, run.logs / "imatrix.log", run.work, progress)
+        nextn = tuple(f"blk.{b}." for b in plan.source.info.nextn.blocks)
+        return ImatrixReceipt(
+            input_key=key, file=dest.name, sha256=result.sha256, corpus=spec.corpus.name, corpus_sha256=corpus_sha,
+            chunks=spec.chunks, ctx=spec.ctx, nextn=spec.nextn, seconds=round(time.monotonic() - started, 3),
+            datasets=list(result.info.datasets), chunk_count=result.info.chunk_count,
+            entries=len(result.info.entries), n_layer_nextn=result.info.n_layer_nextn,
+            nextn_entries=[e for e in result.info.entries if e.startswith(nextn)],
+            command=["llama-imatrix", *map(str, compute_args(Path(plan.source.path.name), Path(corpus.name),
+                                                             Path(dest.name), spec.chunks, spec.ctx, spec.nextn))],
+            toolchain=plan.toolchain.describe())
+
+    return Step("imatrix", ImatrixReceipt, None, key, compute)
+
+
+def quantize_step(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, progress: ProgressFn) -> Step:
+    """Quantize into a temporary name, verify against the plan, hash; the runner renames it after the receipt."""
+    run, tag = plan.run, vplan.variant.tag
+    target = run.root / vplan.file_name
+    tmp = incomplete_path(target)
+    key = quantize_key(plan.source.sha256, vplan.variant.type, vplan.overrides, im.sha256 if im else None,
+                       plan.toolchain_key)
+
+    def quantize() -> QuantizeReceipt:
+        # llama-quantize runs in the run directory with relative paths: the imatrix path it writes into the GGUF's
+        # metadata then does not depend on where the run directory lives, so bytes re-derive anywhere.
+        tensor_types = Path("work") / f"{tag}.tensor-types.txt" if vplan.overrides else None
+        imatrix_rel = Path(os.path.relpath(im.path, run.root)) if im else None
+        try:
+            q = run_quantize(plan.toolchain, plan.source.path.absolute(), Path(tmp.name), vplan.variant.type,
+                             f"quantize {tag}", tensor_types, imatrix_rel, run.logs / f"quantize-{tag}.log",
+                             cwd=run.root, progress=progress)
+            verified = verify_output(tmp, vplan.types(), vplan.variant.type, plan.source.info, vplan.total_bytes)
+            progress(f"hash {tag}", 0, 1)
+            sha = sha256_file(tmp)
+            progress(f"hash {tag}", 1, 1)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return _quantize_receipt(plan, vplan, im, key, verified, sha, tmp.stat().st_size, q)
+
+    def finish() -> None:
+        os.replace(tmp, target)
+
+    return Step(f"quantize:{tag}", QuantizeReceipt, tag, key, quantize, finish)
+
+
+def _quantize_receipt(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, key: str, verified, sha: str,
+                      size: int, q) -> QuantizeReceipt:
+    info = verified.info
+    return QuantizeReceipt(
+        input_key=key, file=vplan.file_name, sha256=sha, bytes=size, tensor_bytes=info.total_bytes,
+        bits_per_weight=round(info.bits_per_weight, 4), type=vplan.variant.type, file_type=info.file_type,
+        file_type_name=info.file_type_name, source_sha256=plan.source.sha256,
+        imatrix_sha256=im.sha256 if im else None, overrides=list(vplan.overrides), pins=list(vplan.pins),
+        uncovered=list(vplan.uncovered),
+        draft_head=imx.draft_head_path(plan.source.info, im.info if im else None, vplan.pins),
+        nextn_blocks=list(info.nextn.blocks),
+        nextn_types={t.name: t.type for t in info.tensors if t.block in info.nextn.blocks},
+        type_counts=dict(sorted(Counter(t.type for t in info.tensors).items())), checks=verified.checks,
+        command=[Path(q.argv[0]).name, *q.argv[1:]], cwd=str(plan.run.root), seconds=q.seconds,
+        toolchain=plan.toolchain.describe())
 
 
 def build_variant(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, force: bool,
                   progress: ProgressFn) -> VariantResult:
-    """Quantize, verify, hash, then rename into place and write the receipt; skip if the receipt matches."""
-    run, tag = plan.run, vplan.variant.tag
-    target = run.root / vplan.file_name
-    key = quantize_key(plan.source.sha256, vplan.variant.type, vplan.overrides, im.sha256 if im else None,
-                       plan.toolchain_key)
-    previous = run.read_receipt("quantize", tag) or {}
-    if not force and previous.get("input_key") == key and target.is_file():
-        if sha256_file(target) == previous.get("sha256"):
-            return VariantResult(tag, target, previous["sha256"], True, 0.0)
-    # llama-quantize runs in the run directory with relative paths: the imatrix path it writes into the GGUF's
-    # metadata then does not depend on where the run directory lives, so bytes re-derive anywhere.
-    tensor_types = Path("work") / f"{tag}.tensor-types.txt" if vplan.overrides else None
-    imatrix_rel = Path(os.path.relpath(im.path, run.root)) if im else None
-    tmp = incomplete_path(target)
-    try:
-        q = run_quantize(plan.toolchain, plan.source.path.absolute(), Path(tmp.name), vplan.variant.type,
-                         f"quantize {tag}", tensor_types, imatrix_rel,
-                         run.logs / f"quantize-{tag}.log", cwd=run.root, progress=progress)
-        verified = verify_output(tmp, vplan.types(), vplan.variant.type, plan.source.info, vplan.total_bytes)
-        progress(f"hash {tag}", 0, 1)
-        sha = sha256_file(tmp)
-        progress(f"hash {tag}", 1, 1)
-        # receipt first, rename last: a kill in between leaves a receipt without its file (rebuilt next run),
-        # never a complete-looking artifact that no receipt vouches for
-        _write_quantize_receipt(plan, vplan, im, key, verified, sha, tmp.stat().st_size, q)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return VariantResult(tag, target, sha, False, q.seconds)
-
-
-def _write_quantize_receipt(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, key: str, verified,
-                            sha: str, size: int, q) -> None:
-    info = verified.info
-    nextn_types = {t.name: t.type for t in info.tensors if t.block in info.nextn.blocks}
-    plan.run.write_receipt("quantize", {
-        "input_key": key, "file": vplan.file_name, "sha256": sha, "bytes": size,
-        "tensor_bytes": info.total_bytes, "bits_per_weight": round(info.bits_per_weight, 4),
-        "type": vplan.variant.type, "file_type": info.file_type, "file_type_name": info.file_type_name,
-        "source_sha256": plan.source.sha256, "imatrix_sha256": im.sha256 if im else None,
-        "overrides": list(vplan.overrides), "pins": list(vplan.pins), "uncovered": list(vplan.uncovered),
-        "draft_head": imx.draft_head_path(plan.source.info, im.info if im else None, vplan.pins),
-        "nextn_blocks": list(info.nextn.blocks), "nextn_types": nextn_types,
-        "type_counts": _counts(info), "checks": verified.checks,
-        "command": [Path(q.argv[0]).name, *q.argv[1:]], "cwd": str(plan.run.root), "seconds": q.seconds,
-        "toolchain": plan.toolchain.describe(),
-    }, tag=vplan.variant.tag)
-
-
-def _counts(info) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for t in info.tensors:
-        out[t.type] = out.get(t.type, 0) + 1
-    return dict(sorted(out.items()))
+    """One variant through the step runner (skipped when its receipt shows the same inputs and an intact file)."""
+    done = run_step(plan.run, quantize_step(plan, vplan, im, progress), force)
+    q = done.receipt
+    return VariantResult(vplan.variant.tag, plan.run.root / q.file, q.sha256, done.skipped, done.seconds)
 
 
 def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
@@ -150,7 +158,7 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
         remove_stale_incomplete(run.root)
         started = time.monotonic()
         plan = make_plan(recipe, out, tc, progress, force)
-        im = ensure_imatrix(plan, force, progress)
+        im, _ = ensure_imatrix(plan, force, progress)
         results = [build_variant(plan, v, im, force, progress) for v in plan.variants]
         sums = {r.path.name: r.sha256 for r in results}
         if im is not None and im.path.parent == run.root:
@@ -180,48 +188,25 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
 
 def run_post_steps(plan: Plan, results: list[VariantResult], force: bool,
                    progress: ProgressFn) -> tuple[dict, GateError | None]:
-    """Steps that read the verified artifacts back: fit, eval and smoke (as the recipe asks)."""
+    """Steps that read the verified artifacts back: fit, eval and smoke (as the recipe asks), each skipped per
+    variant when its receipt shows the same inputs."""
     recipe, run = plan.recipe, plan.run
     steps: dict = {}
-    tables = fit.fit_run(run.root, recipe.fit.vram_gb, recipe.fit.ctx, recipe.fit.kv)
-    steps.update({f"fit:{tag}": {"receipt": f"receipts/fit-{tag}.json"} for tag in tables})
+    fits = fit.fit_run(run.root, recipe.fit.vram_gb, recipe.fit.ctx, recipe.fit.kv, force=force)
+    steps.update({f"fit:{tag}": {"receipt": f"receipts/fit-{tag}.json"} for tag in fits})
     if recipe.eval.enabled:
         kwargs = {"text": recipe.eval.text} if recipe.eval.text else {}
         done = kld.eval_run(plan.toolchain, run.root, plan.source.path.absolute(), ctx=recipe.eval.ctx,
-                           chunks=recipe.eval.chunks, force=force, progress=progress, **kwargs)
+                            chunks=recipe.eval.chunks, force=force, progress=progress,
+                            source_sha256=plan.source.sha256, **kwargs)
         steps.update({f"eval:{tag}": {"receipt": f"receipts/eval-{tag}.json"} for tag in done})
     gate_error = None
     if recipe.smoke.enabled:
+        artifacts = [Artifact(r.tag, r.path, r.sha256) for r in results]
         try:
-            steps.update(_smoke_step(plan, results, force, progress))
+            smoke.smoke_run(plan.toolchain, run, recipe.smoke, progress, artifacts=artifacts, force=force,
+                            spec_source=f"recipe {recipe.path.name}")
         except GateError as exc:  # the card still records what was measured before the build fails
             gate_error = exc
+        steps.update({f"smoke:{r.tag}": {"receipt": f"receipts/smoke-{r.tag}.json"} for r in results})
     return steps, gate_error
-
-
-def _smoke_step(plan: Plan, results: list[VariantResult], force: bool, progress: ProgressFn) -> dict:
-    """Smoke variants whose artifact or settings changed; re-check the gates of the others from their receipts."""
-    spec, run = plan.recipe.smoke, plan.run
-    settings = smoke.spec_json(spec)
-    pending, kept = [], {}
-    for r in results:
-        previous = run.read_receipt("smoke", r.tag) or {}
-        same = (previous.get("model", {}).get("sha256") == r.sha256
-                and previous.get("settings", {}).get("spec") == settings and previous.get("method") == smoke.METHOD)
-        if same and not force:
-            kept[r.tag] = previous
-        else:
-            pending.append(smoke.Artifact(r.tag, r.path, r.sha256))
-    gate_failures = []
-    for tag, previous in kept.items():
-        try:
-            smoke.check_gates(previous, smoke.gates_for(spec, tag), tag)
-        except GateError as exc:
-            gate_failures.append(exc)
-    done = smoke.smoke_run(plan.toolchain, run, spec, progress, artifacts=pending,
-                           spec_source=f"recipe {plan.recipe.path}") if pending else {}
-    if gate_failures:
-        raise gate_failures[0]
-    return {f"smoke:{tag}": {"receipt": f"receipts/smoke-{tag}.json", "skipped": tag in kept,
-                             "best_k": (kept.get(tag) or done.get(tag) or {}).get("best_k")}
-            for tag in [r.tag for r in results]}

@@ -3,7 +3,10 @@ dry runs, imatrix coverage, outputs already there, disk)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,14 +15,15 @@ import gguf
 from mtpquant.core.errors import MtpquantError, UsageError
 from mtpquant.core.files import atomic_path, free_bytes, sha256_file
 from mtpquant.core.progress import ProgressFn, no_progress
-from mtpquant.core.rundir import RunDir
+from mtpquant.core.receipts import ImatrixSourceReceipt, QuantizeReceipt
+from mtpquant.core.rundir import RunDir, locked
 from mtpquant.hub.client import fetch_file
 from mtpquant.llamacpp.toolchain import Toolchain, require
 from mtpquant.modelfile.imatrix import ImatrixInfo, read_imatrix
 from mtpquant.quant import coverage as imx
 from mtpquant.quant.keys import toolchain_key
 from mtpquant.quant.plan import VariantPlan, plan_variant
-from mtpquant.recipe.model import Recipe
+from mtpquant.recipe import Recipe
 from mtpquant.sources.base import SourceModel
 from mtpquant.sources.registry import prepare
 from mtpquant.sources.synthetic import stand_in
@@ -77,7 +81,7 @@ def _imatrix_plan(recipe: Recipe, run: RunDir, source: SourceModel) -> ImatrixPl
             if not path.is_file() or sha256_file(path) != sha256_file(fetched):
                 with atomic_path(path) as tmp:
                     shutil.copyfile(fetched, tmp)
-            run.write_receipt("imatrix-source", {**origin, "file": path.name})
+            run.write(ImatrixSourceReceipt(**origin, file=path.name))
         info = read_imatrix(path)
         return ImatrixPlan("file", path, frozenset(info.entries), info, path)
     dest = run.root / f"{recipe.name}.imatrix.gguf"
@@ -92,8 +96,8 @@ def _check_outputs(recipe: Recipe, run: RunDir, variants: tuple[VariantPlan, ...
         target = run.root / v.file_name
         if not target.exists() or force:
             continue
-        receipt = run.read_receipt("quantize", v.variant.tag)
-        if not receipt or receipt.get("file") != v.file_name:
+        receipt = run.read(QuantizeReceipt, v.variant.tag, stale_ok=True)
+        if receipt is None or receipt.file != v.file_name:
             problems.append(f"{target} exists and no receipt of this run vouches for it")
     if problems:
         raise UsageError("; ".join(problems), "move it away, choose another --out, or rerun with --force")
@@ -142,3 +146,17 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
+
+
+@contextlib.contextmanager
+def plan_only(recipe: Recipe, out: Path | None, tc: Toolchain, progress: ProgressFn = no_progress,
+              use_stand_in: bool = False) -> Iterator[Plan]:
+    """`mtpquant plan`: with `out`, under the run directory's lock like a build; without, in a scratch folder
+    removed afterwards, so a plan leaves nothing behind but what it shows."""
+    if out is not None:
+        run = RunDir(Path(out).resolve())
+        with locked(run):
+            yield make_plan(recipe, run.root, tc, progress, use_stand_in=use_stand_in)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"mtpquant-plan-{recipe.name}-") as scratch:
+        yield make_plan(recipe, Path(scratch) / recipe.name, tc, progress, use_stand_in=use_stand_in)

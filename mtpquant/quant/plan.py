@@ -13,7 +13,7 @@ from mtpquant.llamacpp.toolchain import Toolchain
 from mtpquant.modelfile.header import n_elements, type_bytes
 from mtpquant.modelfile.model import ModelInfo
 from mtpquant.quant.policy import Assignment, needs_imatrix, override_line, resolve
-from mtpquant.recipe.model import Rule, Variant
+from mtpquant.recipe import Rule, Variant
 
 
 @dataclass(frozen=True)

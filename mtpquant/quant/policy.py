@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from mtpquant.modelfile.model import ModelInfo, TensorInfo
-from mtpquant.recipe.model import Rule
+from mtpquant.recipe import Rule
 
 # Target types llama-quantize refuses to produce without importance data (llama-quant.cpp tensor_requires_imatrix).
 IMATRIX_REQUIRED = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})

@@ -12,7 +12,7 @@ from mtpquant.core.files import sha256_json
 from mtpquant.core.progress import ProgressFn
 from mtpquant.core.rundir import RunDir
 from mtpquant.modelfile.model import ModelInfo
-from mtpquant.recipe.model import Recipe
+from mtpquant.recipe import Recipe
 
 QUANTIZABLE_SOURCE_TYPES = ("BF16", "F16", "F32")
 

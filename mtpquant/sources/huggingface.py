@@ -25,7 +25,7 @@ from mtpquant.hub.client import (
     settings,
     verify,
 )
-from mtpquant.recipe.model import Recipe
+from mtpquant.recipe import Recipe
 from mtpquant.sources import convert
 from mtpquant.sources.base import Fetched, expect_problems, raise_problems
 
@@ -55,18 +55,18 @@ def precheck_config(recipe: Recipe, config_path: Path, where: str) -> None:
 
 
 def _recorded(previous: dict, hf) -> dict | None:
-    """The resolution this run already recorded for the same repo, revision and file selection."""
+    """The resolution this run already recorded (the previous provenance) for the same repo, revision and files."""
     if previous.get("kind") == "hf" and previous.get("repo") == hf.repo and previous.get("revision") == hf.revision \
             and previous.get("files_spec") == hf.files and previous.get("commit") and previous.get("hf_files"):
         return previous
     return None
 
 
-def fetch_source(recipe: Recipe, run: RunDir, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
+def fetch_source(recipe: Recipe, run: RunDir, recorded: dict, progress: ProgressFn = no_progress) -> tuple[Path, dict]:
     """The recipe's `source.hf` as a verified local GGUF (first shard), converting safetensors; plus provenance."""
     hf = recipe.source.hf
     cfg = settings()
-    previous = _recorded(run.read_receipt("source") or {}, hf)
+    previous = _recorded(recorded, hf)
     snap, fmt, files, resolved_at = _pin(recipe, previous, cfg, progress)
     here = Snapshot(snap.repo, snap.revision, snap.commit, cfg.endpoint, snap.files)  # where to download from now
     if fmt == SAFETENSORS:
@@ -126,7 +126,7 @@ class HuggingFace:
     kind = "hf"
 
     def fetch(self, recipe: Recipe, run: RunDir, previous: dict, progress: ProgressFn) -> Fetched:
-        path, provenance = fetch_source(recipe, run, progress)
+        path, provenance = fetch_source(recipe, run, previous, progress)
         return Fetched(path, provenance, provenance.get("hf_verified") or {})
 
     def base_model(self, provenance: dict, named: str | None) -> tuple[str | None, str]:

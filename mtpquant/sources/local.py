@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mtpquant.core.progress import ProgressFn
 from mtpquant.core.rundir import RunDir
-from mtpquant.recipe.model import Recipe
+from mtpquant.recipe import Recipe
 from mtpquant.sources.base import Fetched
 
 

@@ -12,7 +12,7 @@ from mtpquant.core.paths import cache_root
 from mtpquant.core.progress import ProgressFn
 from mtpquant.core.rundir import RunDir
 from mtpquant.modelfile.model import read_model
-from mtpquant.recipe.model import Recipe
+from mtpquant.recipe import Recipe
 from mtpquant.sources.base import Fetched, SourceModel, check
 
 GENERATOR = "mtpquant.synth"

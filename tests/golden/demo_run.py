@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mtpquant import recipe as rcp
 from mtpquant.core.rundir import RunDir
 from mtpquant.pipeline import build as pipeline
-from mtpquant.recipe import model as rcp
-from mtpquant.recipe.model import SmokeSpec
+from mtpquant.recipe import SmokeSpec
 from mtpquant.report import card
 
 REPO = Path(__file__).resolve().parents[2]

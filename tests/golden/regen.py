@@ -1,7 +1,7 @@
 """Regenerate the golden demo card (tests/golden/demo-card.md) that tests/test_card.py compares against.
 
     python tests/golden/regen.py          re-render demo-card.md from the stored receipts in demo-run/
-                                          (after a deliberate change to mtpquant/card.py or the template)
+                                          (after a deliberate change to mtpquant/report/card/ or the template)
     python tests/golden/regen.py --run    build recipes/demo-tiny.yaml from scratch (its smoke step included), add
                                           fit and eval, store the new receipts in demo-run/ and render the card
 
@@ -36,15 +36,14 @@ def render() -> None:
 
 
 def run_demo(keep: Path | None) -> None:
-    from mtpquant.cli.main import Bars
-
+    from mtpquant import recipe as rcp
+    from mtpquant.cli.app import Bars
     from mtpquant.core.errors import GateError
     from mtpquant.core.rundir import RunDir
     from mtpquant.llamacpp.toolchain import locate
     from mtpquant.measure import fit, smoke
     from mtpquant.measure import kld as ev
     from mtpquant.pipeline import build as pipeline
-    from mtpquant.recipe import model as rcp
     from mtpquant.report import card
 
     recipe = rcp.load(RECIPE)

@@ -1,0 +1,186 @@
+"""A YAML tree checked field by field: every problem collected as `FILE: field.path: problem (hint)`."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import re._parser as re_parser  # the stdlib's own regex parser, to look at a pattern's structure
+from pathlib import Path
+from typing import Any
+
+MISSING = object()
+
+
+class Checker:
+    """Collects `FILE: field.path: problem (hint)` lines while reading a YAML tree."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.problems: list[str] = []
+
+    def bad(self, path: str, problem: str, hint: str | None = None) -> None:
+        self.problems.append(f"{self.file}: {path or '(top level)'}: {problem}" + (f" ({hint})" if hint else ""))
+
+    def mapping(self, value: Any, path: str, allowed: dict[str, bool]) -> dict | None:
+        """A dict with only known keys; allowed maps key -> required."""
+        if not isinstance(value, dict):
+            self.bad(path, f"expected a mapping, got {kind_of(value)}")
+            return None
+        for key in value:
+            if not isinstance(key, str) or key not in allowed:
+                near = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+                hint = f"did you mean '{near[0]}'?" if near else "known fields: " + ", ".join(sorted(allowed))
+                self.bad(join(path, str(key)), "unknown field", hint)
+        for key, required in allowed.items():
+            if required and key not in value:
+                self.bad(join(path, key), "missing required field")
+        return value
+
+    def string(self, value: Any, path: str, pattern: re.Pattern | None = None, what: str = "") -> str | None:
+        if value is MISSING or value is None:
+            return None
+        if isinstance(value, bool):
+            self.bad(path, f"expected a string, got boolean {str(value).lower()}",
+                     "YAML reads yes/no/on/off/true/false as booleans: quote the value")
+            return None
+        if isinstance(value, (int, float)):
+            self.bad(path, f"expected a string, got number {value!r}",
+                     "YAML reads unquoted numbers (1.10 becomes 1.1): quote the value")
+            return None
+        if not isinstance(value, str):
+            self.bad(path, f"expected a string, got {kind_of(value)}")
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.bad(path, f"{value!r} is not a valid {what}")
+            return None
+        return value
+
+    def integer(self, value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int | None:
+        if value is MISSING or value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.bad(path, f"expected an integer, got {kind_of(value)} {value!r}")
+            return None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"from {lo}" + (f" to {hi}" if hi is not None else "")
+            self.bad(path, f"{value} is out of range", f"use a value {rng}")
+            return None
+        return value
+
+    def number(self, value: Any, path: str, lo: float | None = None, hi: float | None = None) -> float | None:
+        if value is MISSING or value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.bad(path, f"expected a number, got {kind_of(value)} {value!r}")
+            return None
+        if not math.isfinite(value):
+            self.bad(path, f"{value} is not a finite number", "YAML reads .nan and .inf as numbers: give a value")
+            return None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.bad(path, f"{value} is out of range", f"use a value between {lo} and {hi}")
+            return None
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if value is MISSING or value is None:
+            return None
+        if not isinstance(value, bool):
+            self.bad(path, f"expected true or false, got {kind_of(value)} {value!r}")
+            return None
+        return value
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...], what: str, fold: bool = True) -> str | None:
+        s = self.string(value, path)
+        if s is None:
+            return None
+        canon = s.upper() if fold else s
+        if canon in choices:
+            return canon
+        near = difflib.get_close_matches(canon, list(choices), n=1, cutoff=0.6)
+        hint = (f"did you mean {near[0]}? " if near else "") + "valid: " + ", ".join(choices)
+        self.bad(path, f"unknown {what} {s!r}", hint)
+        return None
+
+    def int_list(self, value: Any, path: str, lo: int = 0, hi: int | None = None) -> tuple[int, ...] | None:
+        if value is MISSING or value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            self.bad(path, f"expected a non-empty list of integers, got {kind_of(value)}")
+            return None
+        out = [self.integer(v, f"{path}[{i}]", lo, hi) for i, v in enumerate(value)]
+        if any(v is None for v in out):
+            return None
+        if len(set(out)) != len(out):
+            self.bad(path, "has duplicates")
+            return None
+        return tuple(out)  # type: ignore[arg-type]
+
+    def regex(self, value: Any, path: str) -> str | None:
+        s = self.string(value, path)
+        if s is None:
+            return None
+        try:
+            parsed = re_parser.parse(s)
+        except re.error as exc:
+            self.bad(path, f"invalid regular expression {s!r}: {exc}")
+            return None
+        if _nested_repeat(parsed):
+            self.bad(path, f"regular expression {s!r} repeats a repetition, which can take exponential time",
+                     "write it without a quantified group that itself holds a quantifier, e.g. (a+)+ -> a+")
+            return None
+        return s
+
+    def path(self, value: Any, path: str, base: Path, must_exist: bool = True) -> Path | None:
+        s = self.string(value, path)
+        if s is None:
+            return None
+        p = Path(s).expanduser()
+        p = p if p.is_absolute() else (base / p)
+        if must_exist and not p.exists():
+            self.bad(path, f"file not found: {p}", "paths are relative to the recipe's folder")
+            return None
+        return p
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def kind_of(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _nested_repeat(items, inside: bool = False) -> bool:
+    """Whether a parsed pattern has a repeat (max > 1) inside another: the shape of catastrophic backtracking."""
+    for op, av in items:
+        if op in (re_parser.MAX_REPEAT, re_parser.MIN_REPEAT, re_parser.POSSESSIVE_REPEAT):
+            lo, hi, sub = av
+            repeats = hi is re_parser.MAXREPEAT or hi > 1
+            if repeats and inside:
+                return True
+            if _nested_repeat(sub, inside or repeats):
+                return True
+        elif op == re_parser.SUBPATTERN:
+            if _nested_repeat(av[-1], inside):
+                return True
+        elif op == re_parser.BRANCH:
+            if any(_nested_repeat(b, inside) for b in av[1]):
+                return True
+        elif op in (re_parser.ASSERT, re_parser.ASSERT_NOT) and _nested_repeat(av[1], inside):
+            return True
+    return False

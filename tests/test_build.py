@@ -17,6 +17,7 @@ from mtpquant.core.errors import MtpquantError, UsageError, VerifyError
 from mtpquant.core.files import sha256_file
 from mtpquant.modelfile.model import read_model
 from mtpquant.pipeline import build as pipeline
+from mtpquant.pipeline import plan as plan_module
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "imatrix" / "codemath-chat-v1.txt"
@@ -270,12 +271,12 @@ def test_stand_in_needs_a_shape(tmp_path, tiny, toolchain):
     with pytest.raises(UsageError) as ei:
         pipeline.make_plan(r, tmp_path / "out", toolchain, use_stand_in=True)
     assert ei.value.one_line() == (f"{tmp_path / 'r.yaml'}: expect.shape is not set, so there is no stand-in for the "
-                                   "source (name the real model's shape, one of: qwen3.6-35b-a3b)")
+                                   "source (name the real model's shape, one of: qwen3.6-35b-a3b, qwen3.6-27b)")
 
 
 def test_not_enough_disk_is_refused_before_any_step(tmp_path, tiny, toolchain, monkeypatch):
     # a full disk cannot be produced for real here; the free-space probe is the one thing replaced
-    monkeypatch.setattr(pipeline, "free_bytes", lambda folder: 1 << 20)
+    monkeypatch.setattr(plan_module, "free_bytes", lambda folder: 1 << 20)
     r = write_recipe(tmp_path, base_recipe(tiny, "[{type: Q4_K_M}]"))
     out = tmp_path / "out"
     with pytest.raises(MtpquantError) as ei:

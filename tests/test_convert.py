@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hubserver import HubServer
 from mtpquant import recipe as rc
 from mtpquant import synth
 from mtpquant.core.errors import ConvertError, UsageError
+from mtpquant.core.paths import cache_root
 from mtpquant.llamacpp import toolchain as tcm
 from mtpquant.modelfile.model import read_model
 from mtpquant.pipeline import build as pipeline
@@ -38,8 +41,13 @@ def sdist():
 
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory):
-    """One mtpquant cache for this module: the converter is unpacked once, conversions are reused."""
-    return tmp_path_factory.mktemp("mtpquant-cache")
+    """One mtpquant cache for this module: the converter is unpacked once, conversions are reused; the converter's
+    environment (torch, transformers) is the user cache's, created once across test sessions."""
+    cache = tmp_path_factory.mktemp("mtpquant-cache")
+    shared = cache_root() / convert.ENV_FOLDER
+    shared.mkdir(parents=True, exist_ok=True)
+    (cache / convert.ENV_FOLDER).symlink_to(shared, target_is_directory=True)
+    return cache
 
 
 @pytest.fixture
@@ -111,16 +119,54 @@ def test_a_pre_tokenizer_name_must_be_one_llama_cpp_knows(cache, checkpoint):
     assert {"qwen2", "qwen35", "llama-bpe"} <= set(convert.known_pre_tokenizers(convert.unpack_converter()))
 
 
-def test_a_failed_dependency_install_says_what_to_run(tmp_path, monkeypatch):
-    wheel = tmp_path / "mtpquant_absent-0-py3-none-any.whl"
-    monkeypatch.setattr(convert, "REQUIREMENTS", {"mtpquant_absent_module": str(wheel)})
+def pip_list() -> str:
+    """`pip list` of the python running the tests: the user's environment."""
+    return subprocess.run([sys.executable, "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.slow
+def test_the_converter_environment_is_made_once_and_leaves_the_users_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(convert, "REQUIREMENTS", ("tqdm",))  # small, so that creating one is quick to test
+    before = pip_list()
     events = []
-    log = tmp_path / "pip.log"
+    env = convert.ensure_environment(lambda *e: events.append(e))
+    label = "create the converter environment (tqdm)"
+    assert events == [(label, 0, 3), (label, 1, 3), (label, 2, 3), (label, 3, 3)]
+    key = convert.environment_key()
+    assert env.root == (tmp_path / "cache" / "converter-env" / key).resolve() and env.python.is_file()
+    ident = env.identity()
+    assert (ident["key"], ident["python"], ident["requirements"]) == (key, platform.python_version(), ["tqdm"])
+    installed = subprocess.run([env.python, "-c", "import tqdm; print(tqdm.__version__)"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert ident["packages"]["tqdm"] == installed
+    assert pip_list() == before
+    # once made, it is used as it is: no progress, no pip
+    events.clear()
+    assert convert.ensure_environment(lambda *e: events.append(e)) == env and events == []
+    # other requirements are another environment
+    monkeypatch.setattr(convert, "REQUIREMENTS", ("tqdm", "pyyaml"))
+    assert convert.environment_key() != key
+
+
+@pytest.mark.slow
+def test_an_environment_that_cannot_be_made_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPQUANT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "no-wheels").mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as without a network: no index, and no wheel folder with them
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
     with pytest.raises(ConvertError) as ei:
-        convert.ensure_dependencies(lambda *e: events.append(e), log)
-    assert ei.value.one_line() == (f"could not install {wheel} (pip exited with code 1); log: {log} "
-                                   f"(run: {sys.executable} -m pip install {wheel})")
-    assert events == [(f"installing {wheel} for safetensors conversion", 0, 1)]
+        convert.ensure_environment()
+    root = (tmp_path / "cache" / "converter-env").resolve() / convert.environment_key()
+    log = tmp_path / "cache" / "logs" / f"converter-env-{convert.environment_key()}.log"
+    assert ei.value.one_line() == (
+        f"cannot create the converter environment {root}: pip could not install torch==2.13.0 transformers==5.23.0 "
+        f"(pip exited with code 1); log: {log} (pip needs PyPI, or an index or wheel folder holding them (see `pip "
+        "config list`); fix that and run again)")
+    # pip's own words: "No matching distribution found for torch==2.13.0" (or, under a constraints file, a conflict)
+    assert any(ln.startswith("ERROR: ") and "torch==2.13.0" in ln for ln in log.read_text().splitlines())
+    assert not root.exists()
 
 
 @pytest.mark.parametrize("config, names, declared", [
@@ -160,7 +206,9 @@ def test_an_output_that_lost_the_mtp_head_is_refused(tmp_path):
 def test_safetensors_convert_keeping_nextn_then_quantize_and_verify(tmp_path, hub, cache, toolchain):
     recipe = make_recipe(tmp_path, pre_tokenizer="qwen2")
     events = []
+    before = pip_list()
     result = pipeline.build(recipe, tmp_path / "out", toolchain, progress=lambda *e: events.append(e))
+    assert pip_list() == before  # torch and transformers live in the converter's own environment
     source = result.plan.source
     assert source.path.parent.parent == cache / "converted" and source.path.name == "tiny-mtp-BF16.gguf"
     assert source.info.nextn.complete and source.info.file_type_name == "BF16"
@@ -179,11 +227,18 @@ def test_safetensors_convert_keeping_nextn_then_quantize_and_verify(tmp_path, hu
     assert (conv["pre_tokenizer"], conv["tokenizer_pre"], conv["converter"]["llama_cpp_commit"]) == (
         "qwen2", "qwen2", tcm.PINNED_COMMIT)
     assert conv["args"] == ["--outtype", "bf16", "--model-name", "tiny-mtp"]
-    assert "--no-mtp" not in (tmp_path / "out" / "logs" / "convert.log").read_text().splitlines()[0]
+    env = conv["environment"]
+    assert (env["key"], env["python"], env["requirements"]) == (convert.environment_key(), platform.python_version(),
+                                                                list(convert.REQUIREMENTS))
+    assert env["packages"]["torch"].startswith("2.13.0") and env["packages"]["transformers"] == "5.23.0"
+    command = (tmp_path / "out" / "logs" / "convert.log").read_text().splitlines()[0]
+    env_python = (cache / "converter-env").resolve() / env["key"] / "bin" / "python"
+    assert command.startswith(f"$ {env_python} -u ") and "--no-mtp" not in command
     assert any(label == "convert tiny-mtp" for label, _, _ in events)
     # a second build converts nothing and quantizes nothing
     again = pipeline.build(recipe, tmp_path / "out", toolchain)
-    assert json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())["conversion"]["reused"] is True
+    reused = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())["conversion"]
+    assert reused["reused"] is True and reused["environment"] == env
     assert again.variants[0].skipped and again.plan.source.path == source.path
 
 

@@ -12,6 +12,7 @@ from mtpquant.core.paths import cache_root
 from mtpquant.measure import fit as fitmod
 from mtpquant.measure import kld as ev
 from mtpquant.modelfile.model import read_model
+from mtpquant.recipe.schema import EvalSpec, FitSpec
 
 
 def _list(value: str, option: str, kind, minimum=None) -> list:
@@ -30,9 +31,9 @@ def _list(value: str, option: str, kind, minimum=None) -> list:
 
 @click.command("fit")
 @click.argument("target", metavar="GGUF|RUN_DIR", type=click.Path(path_type=Path))
-@click.option("--vram", default="12,16,24,32", show_default=True, help="GPU sizes in GB (GiB), comma-separated.")
-@click.option("--ctx", "ctx_list", default="4096,32768,131072", show_default=True, help="Context lengths.")
-@click.option("--kv", default="f16,q8_0", show_default=True, help="KV cache types (-ctk/-ctv).")
+@click.option("--vram", default=",".join(map(str, FitSpec.vram_gb)), show_default=True, help="GPU sizes in GB (GiB), comma-separated.")
+@click.option("--ctx", "ctx_list", default=",".join(map(str, FitSpec.ctx)), show_default=True, help="Context lengths.")
+@click.option("--kv", default=",".join(FitSpec.kv), show_default=True, help="KV cache types (-ctk/-ctv).")
 @click.option("--mtp/--no-mtp", default=True, show_default=True,
               help="Count the NextN block and its draft context (llama-server --spec-type draft-mtp).")
 @click.option("--parallel", type=int, default=4, show_default=True, help="llama-server slots (--parallel).")
@@ -66,8 +67,8 @@ def fit(target, vram, ctx_list, kv, mtp, parallel, reserve, as_json) -> None:
               help="The BF16/F16 source GGUF (default for a run directory: the one its receipts name).")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
               help="Evaluation text (default: the one shipped with mtpquant).")
-@click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per chunk (-c, and -b).")
-@click.option("--chunks", type=int, default=16, show_default=True, help="Chunks to evaluate.")
+@click.option("--ctx", type=int, default=EvalSpec.ctx, show_default=True, help="Tokens per chunk (-c, and -b).")
+@click.option("--chunks", type=int, default=EvalSpec.chunks, show_default=True, help="Chunks to evaluate.")
 @click.option("--threads", type=int, default=None, help="llama-perplexity -t.")
 @click.option("--force", is_flag=True, help="Evaluate again even where a receipt has the same inputs.")
 @llama_cpp_option

@@ -39,15 +39,18 @@ def card(run_dir: Path, recipe_path: Path | None, to_stdout: bool) -> None:
 @click.option("--rebuild", is_flag=True, help="Quantize every variant again and compare bytes (needs the source).")
 @click.option("--source", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The BF16 source GGUF for --rebuild, if it is not where the receipts say.")
+@click.option("--allow-failed-gates", is_flag=True,
+              help="Report a failed smoke gate as a note instead of failing (publish never allows it).")
 @llama_cpp_option
 @json_option
 @quiet_option
-def verify(run_dir: Path, rebuild: bool, source: Path | None, llama_cpp: Path | None, as_json: bool,
-           quiet: bool) -> None:
+def verify(run_dir: Path, rebuild: bool, source: Path | None, allow_failed_gates: bool, llama_cpp: Path | None,
+           as_json: bool, quiet: bool) -> None:
     """Check a run directory: artifact sha256s, headers, measurements and the card, all against the receipts."""
     tc = toolchain(llama_cpp) if rebuild else None
     with bars(quiet or as_json) as progress:
-        report = audit.verify_run(run_dir, rebuild=rebuild, toolchain=tc, source=source, progress=progress)
+        report = audit.verify_run(run_dir, rebuild=rebuild, toolchain=tc, source=source, progress=progress,
+                                  allow_failed_gates=allow_failed_gates)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return

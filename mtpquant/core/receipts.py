@@ -161,8 +161,11 @@ class ImatrixReceipt(Receipt):
     entries: int
     n_layer_nextn: int | None
     nextn_entries: list
-    command: list
+    command: list  # the single pass, or the merge of `parts`
     toolchain: dict
+    # a map-reduce over chunk ranges: each part's chunks, command, worker and sha256 (empty for a single pass)
+    parts: list = field(default_factory=list)
+    merge: dict | None = None  # how the parts were merged, and how that compares with a single pass
 
     def outputs(self) -> dict[str, str]:
         return {self.file: self.sha256}
@@ -206,6 +209,7 @@ class FitReceipt(Receipt):
     """Which GPU sizes and contexts a variant fits (receipts/fit-<VARIANT>.json)."""
 
     KIND: ClassVar[str] = "fit"
+    VERSION: ClassVar[int] = 2  # 2: the MTP draft context's KV cache at F16 (-ctkd), no V cache for MLA models
     input_key: str
     file: str
     file_bytes: int
@@ -246,13 +250,19 @@ class SmokeReceipt(Receipt):
     """MTP off vs on in llama-server for one variant (receipts/smoke-<VARIANT>.json)."""
 
     KIND: ClassVar[str] = "smoke"
-    VERSION: ClassVar[int] = 2  # 2: the bootstrap resamples prompts (greedy seeds are replicates)
+    # 2: the bootstrap resamples prompts (greedy seeds are replicates); 3: the method of measure/smoke/__init__.py
+    VERSION: ClassVar[int] = 3
     input_key: str
     model: dict
     toolchain: dict
+    machine: dict
     suite: dict
     settings: dict
     servers: list
+    placement: dict
+    order: dict
+    drift: dict
+    split: dict
     requests: list
     runs: list
     results: dict
@@ -263,6 +273,28 @@ class SmokeReceipt(Receipt):
     gates: dict = field(default_factory=dict)
     chat_vs_raw: dict | None = None
     context_sweep: dict | None = None
+    concurrent: dict | None = None  # the executor's record: where it ran, on which CPUs, and what else ran meanwhile
+
+
+@dataclass(frozen=True)
+class DraftHeadReceipt(Receipt):
+    """The draft-head study of one variant (receipts/draft-head-<VARIANT>.json): each candidate head quantized with
+    the trunk unchanged, its MTP acceptance paired per prompt with the reference head's, and the type chosen."""
+
+    KIND: ClassVar[str] = "draft-head"
+    input_key: str
+    variant_type: str
+    settings: dict  # candidates, scope, reference, tolerance_pp, k, prompts, max_tokens, slots
+    scope_tensors: list  # the head's tensors that take the candidate type
+    made: dict  # how the candidates were made: the rules, the trunk check, what was kept
+    imatrix: dict  # the imatrix's sha256 and the path the head took (collected | pinned | unweighted | no imatrix)
+    measurement: dict  # the acceptance-only method: server settings, prompts, suite, bootstrap
+    reference: dict  # the reference head: its type and measured arm
+    candidates: list  # every candidate: file, bytes, acceptance, paired loss with CI, whether it qualifies, seconds
+    choice: dict  # outcome (chosen | tie | none), type, why, and the policy rule the variant was planned with
+    toolchain: dict
+    seconds: float
+    unweighted: dict | None = None  # the candidates again without the head's importance data, when asked
 
 
 @dataclass(frozen=True)
@@ -295,7 +327,7 @@ class PublishReceipt(Receipt):
 
 KINDS: dict[str, type[Receipt]] = {c.KIND: c for c in (SourceReceipt, ImatrixSourceReceipt, ImatrixReceipt,
                                                       QuantizeReceipt, FitReceipt, EvalReceipt, SmokeReceipt,
-                                                      CardReceipt, PublishReceipt)}
+                                                      DraftHeadReceipt, CardReceipt, PublishReceipt)}
 
 
 def read_file(path: Path) -> tuple[Receipt, dict]:

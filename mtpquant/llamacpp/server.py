@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mtpquant.core.errors import ServerError
@@ -67,6 +68,53 @@ def _clean(line: str) -> str:
     return _PREFIX.sub("", line).strip()
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where weights and caches go, given explicitly and identically to every server of a comparison: llama.cpp's
+    auto-fit (`-fit on`, its default) would otherwise place a larger MTP server differently from a vanilla one."""
+
+    n_cpu_moe: int | None = None
+    batch: int | None = None
+    ubatch: int | None = None
+    kv_type: str | None = None
+    flash_attn: str | None = None
+
+    def args(self) -> list[str]:
+        a = ["-fit", "off"]
+        for flag, value in (("-ncmoe", self.n_cpu_moe), ("-b", self.batch), ("-ub", self.ubatch),
+                            ("-ctk", self.kv_type), ("-ctv", self.kv_type), ("-fa", self.flash_attn)):
+            if value is not None:
+                a += [flag, str(value)]
+        return a
+
+
+_BUFFER_RE = re.compile(r"(load_tensors|llama_kv_cache|llama_memory_recurrent|sched_reserve):\s+(\S+)\s+"
+                        r"(model|KV|RS|compute) buffer size =\s+([\d.]+) MiB")
+_OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+def loaded_placement(log_path: Path, start: int = 0) -> dict:
+    """Where the server's load log says the weights and buffers went: {"offloaded": "n/m" or None, "model_mib":
+    {device: MiB}, "kv_mib": [...], "rs_mib": [...], "compute_mib": [...]} (one entry per context and device)."""
+    out: dict = {"offloaded": None, "model_mib": {}, "kv_mib": [], "rs_mib": [], "compute_mib": []}
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if m := _OFFLOADED_RE.search(line):
+            out["offloaded"] = f"{m.group(1)}/{m.group(2)}"
+        elif m := _BUFFER_RE.search(line):
+            device, what, mib = m.group(2), m.group(3), float(m.group(4))
+            if what == "model":
+                out["model_mib"][device] = round(out["model_mib"].get(device, 0.0) + mib, 2)
+            else:
+                out[{"KV": "kv_mib", "RS": "rs_mib", "compute": "compute_mib"}[what]].append({device: mib})
+    return out
+
+
 class LlamaServer:
     """One llama-server process on a loopback port; use as `with LlamaServer(...) as srv:`.
 
@@ -77,7 +125,8 @@ class LlamaServer:
 
     def __init__(self, tc: Toolchain, model: Path, log_path: Path, *, spec_type: str | None = None,
                  draft_n_max: int | None = None, ctx: int = 4096, threads: int | None = None,
-                 gpu_layers: int | None = None, extra_args: Sequence[str] = (), port: int | None = None,
+                 gpu_layers: int | None = None, placement: Placement | None = None, parallel: int = 1,
+                 extra_args: Sequence[str] = (), port: int | None = None,
                  host: str = HOST, start_timeout: float = 300.0, request_timeout: float = 600.0,
                  stop_timeout: float = 15.0):
         self.binary = tc.tool("llama-server")
@@ -88,6 +137,8 @@ class LlamaServer:
         self.ctx = ctx
         self.threads = threads
         self.gpu_layers = gpu_layers
+        self.placement = placement or Placement()
+        self.parallel = parallel
         self.extra_args = [str(a) for a in extra_args]
         self.fixed_port = port
         self.host = host
@@ -97,6 +148,7 @@ class LlamaServer:
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen | None = None
         self.slots_info: list[dict] = []
+        self.loaded: dict = {}
         self.startup_seconds: float | None = None
         self._log = None
         self._log_start = 0  # where the current attempt's output begins in the log
@@ -110,11 +162,12 @@ class LlamaServer:
     def args(self, port: int | None = None) -> list[str]:
         """Arguments after the binary, for a given port."""
         a = ["-m", str(self.model), "--host", self.host, "--port", str(port if port is not None else self.port),
-             "-c", str(self.ctx), "-np", "1", "--metrics", "--no-webui"]
+             "-c", str(self.ctx), "-np", str(self.parallel), "--metrics", "--no-webui", "-lv", "4"]
         if self.threads is not None:
             a += ["-t", str(self.threads)]
         if self.gpu_layers is not None:
             a += ["-ngl", str(self.gpu_layers)]
+        a += self.placement.args()
         if self.speculative:
             a += ["--spec-type", str(self.spec_type)]
             if self.draft_n_max is not None:
@@ -178,6 +231,7 @@ class LlamaServer:
             raise self._start_error(f"speculative decoding is not active (/slots says speculative={flags}) "
                                     f"although --spec-type {self.spec_type} was given", "was stopped")
         self.startup_seconds = round(time.monotonic() - started, 3)
+        self.loaded = loaded_placement(self.log_path, self._log_start)
 
     def _spawn(self) -> None:
         if self._log is None:

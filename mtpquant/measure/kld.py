@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,10 @@ from mtpquant.llamacpp.perplexity import (
     shown_argv,
 )
 from mtpquant.llamacpp.toolchain import Toolchain
+from mtpquant.recipe.schema import EvalSpec
 
 DEFAULT_TEXT = DATA_DIR / "eval" / "wiki-style-v1.txt"
-DEFAULT_CTX = 128
-DEFAULT_CHUNKS = 16
+DEFAULT_CTX, DEFAULT_CHUNKS = EvalSpec.ctx, EvalSpec.chunks
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ def run_source(run: RunDir) -> tuple[Path, str]:
 def eval_run(tc: Toolchain, run_root: Path, source: Path | None = None, text: Path | None = None,
              ctx: int = DEFAULT_CTX, chunks: int = DEFAULT_CHUNKS, *, threads: int | None = None,
              force: bool = False, progress: ProgressFn = no_progress,
-             source_sha256: str | None = None) -> dict[str, EvalReceipt]:
-    """Evaluate every variant of a run directory into receipts/eval-<variant>.json (unchanged ones skipped)."""
+             source_sha256: str | None = None, artifacts: Sequence[Artifact] | None = None) -> dict[str, EvalReceipt]:
+    """Evaluate every variant of a run directory (or those `artifacts` name) into receipts/eval-<variant>.json
+    (unchanged ones skipped)."""
     run = RunDir(Path(run_root))
     run.ensure()
     if source is None:
@@ -220,7 +222,7 @@ def eval_run(tc: Toolchain, run_root: Path, source: Path | None = None, text: Pa
         return EvalReceipt(input_key=variant_key(key, art.sha256), variant_sha256=art.sha256,
                            source_sha256=src_sha, base_reused=base().reused, **result)
 
-    artifacts = run.artifacts()
+    artifacts = list(artifacts) if artifacts is not None else run.artifacts()
     out = {}
     for i, art in enumerate(artifacts):
         progress("eval", i, len(artifacts))

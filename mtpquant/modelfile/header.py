@@ -22,8 +22,11 @@ _SCALARS = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.U
 MAX_DECODED_STRINGS = 64
 MAX_DECODED_NUMBERS = 4096
 MAX_KEY_BYTES = 1 << 16
-MAX_DIMS = 8  # GGML_MAX_DIMS is 4; anything above 8 is a damaged file
-MAX_COUNT = 10_000_000  # tensors or keys: far above any real model
+MAX_STRING_BYTES = 1 << 26  # a string value to decode (chat templates are kilobytes, embedded tokenizer.json MiBs)
+MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
+MAX_TENSOR_NAME = 63  # GGML_MAX_NAME is 64 with the terminating NUL: llama.cpp refuses longer names
+MAX_COUNT = 10_000_000  # tensors, keys or array elements: far above any real model
+MAX_DIM = (1 << 63) - 1  # llama.cpp reads dimensions as int64
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ def type_bytes(shape: tuple[int, ...], ggml_type: str) -> int:
 
 
 def ggml_type_name(tensor_type: int) -> str:
+    """ggml's name of a tensor type number; ValueError for a number ggml does not define."""
     try:
         return gguf.GGMLQuantizationType(tensor_type).name
     except ValueError:
@@ -95,8 +99,8 @@ class Cursor:
 
     def string(self, limit: int | None = None) -> str:
         n = self.take("<Q")
-        if limit is not None and n > limit:
-            raise ValueError(f"a {n}-byte name at byte {self.pos - 8}")
+        if n > (limit or MAX_STRING_BYTES):
+            raise ValueError(f"a {n}-byte {'name' if limit else 'string'} at byte {self.pos - 8}")
         self.need(n)
         v = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
@@ -105,6 +109,22 @@ class Cursor:
     def skip(self, n: int) -> None:
         self.need(n)
         self.pos += n
+
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` length-prefixed strings (each at least 8 bytes: the bytes present bound the work)."""
+        self.need(8 * count)  # a count the remaining bytes cannot hold fails here, before the loop
+        buf, pos = self.buf, self.pos
+        for _ in range(count):
+            if pos + 8 > self.size:
+                self.pos = pos
+                self.need(8)
+            n = struct.unpack_from("<Q", buf, pos)[0]
+            pos += 8
+            if pos + n > self.size:
+                self.pos = pos
+                self.need(n)
+            pos += n
+        self.pos = pos
 
     def value_type(self) -> VT:
         raw = self.take("<I")
@@ -119,10 +139,11 @@ class Cursor:
         if vtype == VT.STRING:
             return self.string()
         etype, count = self.value_type(), self.take("<Q")
+        if count > MAX_COUNT:
+            raise ValueError(f"an array of {count} elements at byte {self.pos - 12}")
         if etype == VT.STRING:
             if count > MAX_DECODED_STRINGS:
-                for _ in range(count):  # each string costs at least 8 bytes: EOF stops a forged count
-                    self.skip(self.take("<Q"))
+                self.skip_strings(count)
                 return LongArray(int(etype), count)
             return [self.string() for _ in range(count)]
         if etype not in _SCALARS:
@@ -146,8 +167,10 @@ def iter_metadata(c: Cursor):
     if n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
         raise ValueError(f"implausible tensor or key count ({n_tensors} tensors, {n_kv} keys)")
     yield n_tensors
-    for _ in range(n_kv):
+    for i in range(n_kv):
         key = c.string(MAX_KEY_BYTES)
+        if not key:
+            raise ValueError(f"metadata key {i} is empty")
         start = c.pos
         value = c.value(c.value_type())
         yield key, value, (start, c.pos)
@@ -188,26 +211,49 @@ def parse(path: Path, c: Cursor, size: int | None = None) -> Header:
         if key in fields:
             raise ValueError(f"metadata key {key!r} appears twice")
         fields[key], spans[key] = value, span
-    infos = []
-    for _ in range(n_tensors):
+    infos, names = [], set()
+    for i in range(n_tensors):
         name = c.string(MAX_KEY_BYTES)
+        if not name or len(name.encode()) > MAX_TENSOR_NAME:
+            raise ValueError(f"tensor {i} has a name of {len(name.encode())} bytes (llama.cpp takes 1 to "
+                             f"{MAX_TENSOR_NAME})")
+        if name in names:
+            raise ValueError(f"tensor name {name!r} appears twice")
+        names.add(name)
         n_dims = c.take("<I")
         if n_dims > MAX_DIMS:
-            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            raise ValueError(f"tensor {name} has {n_dims} dimensions, llama.cpp takes at most {MAX_DIMS}")
         shape = tuple(c.take("<Q") for _ in range(n_dims))
+        if any(d > MAX_DIM for d in shape) or n_elements(shape) > MAX_DIM:
+            raise ValueError(f"tensor {name} has shape {list(shape)}, more elements than llama.cpp can count")
         infos.append((name, shape, c.take("<I"), c.take("<Q")))
     align = fields.get("general.alignment", 32)
-    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 20:
-        raise ValueError(f"general.alignment is {align!r}")
+    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 20 or align & (align - 1):
+        raise ValueError(f"general.alignment is {_shown(align)}, not a power of 2")
     data_offset = (c.pos + align - 1) // align * align
-    tensors = []
+    tensors, expected = [], 0
     for name, shape, ttype, offset in infos:
-        nbytes = type_bytes(shape, ggml_type_name(ttype))
+        nbytes = _tensor_bytes(name, shape, ttype)
+        if offset != expected:  # llama.cpp's own rule: in order, each at the padded end of the one before
+            raise ValueError(f"tensor {name} has data offset {offset}, expected {expected}")
+        expected += (nbytes + align - 1) // align * align
         start = data_offset + offset
         if size is not None and start + nbytes > size:
             raise EOFError(f"tensor {name} ends at byte {start + nbytes}, file has {size}")
         tensors.append(RawTensor(name, ttype, shape, n_elements(shape), nbytes, start))
     return Header(path, fields, spans, tuple(tensors), data_offset)
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], ttype: int) -> int:
+    type_name = ggml_type_name(ttype)
+    try:
+        block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    except KeyError:
+        raise ValueError(f"tensor {name} has type {type_name}, which has no known size") from None
+    if shape and shape[0] % block:
+        raise ValueError(f"tensor {name}: rows of {shape[0]} elements are not a multiple of the {type_name} block "
+                         f"size {block}")
+    return type_bytes(shape, type_name)
 
 
 def field_value(header: Header, key: str):
@@ -217,18 +263,20 @@ def field_value(header: Header, key: str):
 
 
 def field_int(header: Header | dict, key: str, default: int | None = None, lo: int = 0,
-              hi: int = 1 << 40) -> int | None:
-    """An integer key, refused in one line when it has another type or a value no model can have."""
+              hi: int = 1 << 40, where: str | Path | None = None) -> int | None:
+    """An integer key, refused in one line when it has another type or a value no model can have; `where` names
+    the file when `header` is a plain dict of fields."""
     fields = header.fields if isinstance(header, Header) else header
     value = fields.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
+    if where is None:
         where = header.path if isinstance(header, Header) else "GGUF"
-        raise GGUFReadError(f"{where}: {key} is {type(value).__name__} {_shown(value)}, expected an integer",
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "array" if isinstance(value, (list, LongArray)) else type(value).__name__
+        raise GGUFReadError(f"{where}: {key} is {kind} {_shown(value)}, expected an integer",
                             "the file's metadata is damaged; regenerate it")
     if not lo <= value <= hi:
-        where = header.path if isinstance(header, Header) else "GGUF"
         raise GGUFReadError(f"{where}: {key} is {value}, outside {lo}..{hi}",
                             "the file's metadata is damaged; regenerate it")
     return value

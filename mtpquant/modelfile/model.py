@@ -141,6 +141,10 @@ def read_model(path: Path) -> ModelInfo:
         raise GGUFReadError(f"{path}: {arch}.nextn_predict_layers is {nextn_layers}, more than "
                             f"{arch}.block_count {block_count}", "the file's metadata is damaged; regenerate it")
     n_layer = block_count - nextn_layers
+    stray = next((t for t in tensors if t.block is not None and t.block >= block_count), None)
+    if stray is not None:
+        raise GGUFReadError(f"{path}: tensor {stray.name} is in block {stray.block}, but {arch}.block_count is "
+                            f"{block_count}", "the file's metadata is damaged; regenerate it")
     ftype = field_int(first, "general.file_type", None, 0, 1 << 16)
     name = kv.get("general.name")
     return ModelInfo(paths=tuple(paths), arch=arch, name=name if isinstance(name, str) else None,

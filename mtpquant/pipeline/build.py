@@ -7,19 +7,24 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mtpquant.core.errors import GateError
 from mtpquant.core.files import atomic_path, incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
 from mtpquant.core.progress import ProgressFn, no_progress
-from mtpquant.core.receipts import ImatrixReceipt, QuantizeReceipt
+from mtpquant.core.receipts import ImatrixReceipt, QuantizeReceipt, SmokeReceipt
 from mtpquant.core.rundir import Artifact, RunDir, locked
 from mtpquant.core.steps import Done, Step, run_step
-from mtpquant.llamacpp.imatrix import ImatrixResult, compute_args, compute_imatrix
+from mtpquant.llamacpp.imatrix import ImatrixResult, chunk_ranges, compute_args, compute_imatrix
 from mtpquant.llamacpp.quantize import run_quantize
 from mtpquant.llamacpp.toolchain import Toolchain
 from mtpquant.measure import fit, kld, smoke
 from mtpquant.modelfile.imatrix import read_imatrix
+from mtpquant.pipeline import head_study
+from mtpquant.pipeline.executors import imatrix_map, local, measure_tasks
+from mtpquant.pipeline.executors.base import GPU, Executor, Schedule, Task
+from mtpquant.pipeline.executors.nodes import needs_of
 from mtpquant.pipeline.plan import Plan, make_plan
 from mtpquant.quant import coverage as imx
 from mtpquant.quant.keys import quantize_key
@@ -46,8 +51,10 @@ class BuildResult:
     extra: dict = field(default_factory=dict)
 
 
-def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> tuple[ImatrixResult | None, Done | None]:
-    """The pinned imatrix, or the computed one (once per source, corpus, arguments and toolchain); then coverage."""
+def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn, executor: Executor | None = None,
+                   parts: int = 1) -> tuple[ImatrixResult | None, Done | None]:
+    """The pinned imatrix, or the computed one (once per source, corpus, arguments and toolchain; where the
+    executor places it, or over `parts` chunk ranges merged); then coverage, on the file the variants will read."""
     spec = plan.recipe.imatrix
     if spec.kind == "none":
         return None, None
@@ -55,7 +62,11 @@ def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> tuple[Imatr
     if spec.kind == "file":
         result = imx.load_pinned(plan.imatrix.path, spec.sha256)
     else:
-        done = run_step(plan.run, imatrix_step(plan, progress), force)
+        ex = executor or local.Executor()
+        if parts > 1:  # the map runs on the executor, the merge here
+            done = run_step(plan.run, imatrix_step(plan, progress, ex, parts), force)
+        else:
+            done = ex.run([Task("imatrix", partial(_imatrix_once, plan, force))], progress)["imatrix"].value
         dest = plan.imatrix.path
         result = ImatrixResult(dest, done.receipt.sha256, read_imatrix(dest), reused=done.skipped)
     imx.check_coverage({v.variant.tag: [n for n in v.needing_imatrix() if n not in v.pins] for v in plan.variants},
@@ -63,13 +74,17 @@ def ensure_imatrix(plan: Plan, force: bool, progress: ProgressFn) -> tuple[Imatr
     return result, done
 
 
-def imatrix_step(plan: Plan, progress: ProgressFn) -> Step:
+def imatrix_step(plan: Plan, progress: ProgressFn, executor: Executor | None = None, parts: int = 1) -> Step:
     """llama-imatrix over the corpus, run in work/ on a copy named like the corpus: the dataset name it writes
-    into the imatrix (and llama-quantize into every variant) is the file name, never a machine's folders."""
+    into the imatrix (and llama-quantize into every variant) is the file name, never a machine's folders. With
+    `parts` > 1 the chunks are split into ranges computed by the executor's tasks and merged by llama-imatrix."""
     spec, run = plan.recipe.imatrix, plan.run
     corpus_sha = sha256_file(spec.corpus)
+    ranges = chunk_ranges(spec.chunks, parts) if parts > 1 else []
+    # a merged file is not bit-identical to a single pass (see executors/imatrix_map.py): the ranges are an input
     key = sha256_json({"source": plan.source.sha256, "corpus": corpus_sha, "corpus_name": spec.corpus.name,
-                       "chunks": spec.chunks, "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": plan.toolchain_key})
+                       "chunks": spec.chunks, "ctx": spec.ctx, "nextn": spec.nextn, "toolchain": plan.toolchain_key,
+                       **({"ranges": ranges} if ranges else {})})
     dest = plan.imatrix.path
 
     def compute() -> ImatrixReceipt:
@@ -77,8 +92,12 @@ def imatrix_step(plan: Plan, progress: ProgressFn) -> Step:
         corpus = run.work / spec.corpus.name
         with atomic_path(corpus) as tmp:
             shutil.copyfile(spec.corpus, tmp)
-        result = compute_imatrix(plan.toolchain, plan.source.path.absolute(), Path(corpus.name), dest,
-                                 spec.chunks, spec.ctx, spec.nextn, run.logs / "imatrix.log", run.work, progress)
+        parts_run, merge = [], None
+        if ranges:
+            result, parts_run, merge = imatrix_map.map_reduce(plan, ranges, executor or local.Executor(), progress)
+        else:
+            result = compute_imatrix(plan.toolchain, plan.source.path.absolute(), Path(corpus.name), dest,
+                                     spec.chunks, spec.ctx, spec.nextn, run.logs / "imatrix.log", run.work, progress)
         nextn = tuple(f"blk.{b}." for b in plan.source.info.nextn.blocks)
         return ImatrixReceipt(
             input_key=key, file=dest.name, sha256=result.sha256, corpus=spec.corpus.name, corpus_sha256=corpus_sha,
@@ -86,11 +105,15 @@ def imatrix_step(plan: Plan, progress: ProgressFn) -> Step:
             datasets=list(result.info.datasets), chunk_count=result.info.chunk_count,
             entries=len(result.info.entries), n_layer_nextn=result.info.n_layer_nextn,
             nextn_entries=[e for e in result.info.entries if e.startswith(nextn)],
-            command=["llama-imatrix", *map(str, compute_args(Path(plan.source.path.name), Path(corpus.name),
-                                                             Path(dest.name), spec.chunks, spec.ctx, spec.nextn))],
-            toolchain=plan.toolchain.describe())
+            command=merge["command"] if merge else ["llama-imatrix", *map(str, compute_args(
+                Path(plan.source.path.name), Path(corpus.name), Path(dest.name), spec.chunks, spec.ctx, spec.nextn))],
+            toolchain=plan.toolchain.describe(), parts=parts_run, merge=merge)
 
     return Step("imatrix", ImatrixReceipt, None, key, compute)
+
+
+def _imatrix_once(plan: Plan, force: bool, progress: ProgressFn) -> Done:
+    return run_step(plan.run, imatrix_step(plan, progress), force)
 
 
 def quantize_step(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, progress: ProgressFn) -> Step:
@@ -138,8 +161,14 @@ def _quantize_receipt(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, 
         nextn_blocks=list(info.nextn.blocks),
         nextn_types={t.name: t.type for t in info.tensors if t.block in info.nextn.blocks},
         type_counts=dict(sorted(Counter(t.type for t in info.tensors).items())), checks=verified.checks,
-        command=[Path(q.argv[0]).name, *q.argv[1:]], cwd=str(plan.run.root), seconds=q.seconds,
+        command=recorded_command(q.argv, plan.source.path.name), cwd=".", seconds=q.seconds,
         toolchain=plan.toolchain.describe())
+
+
+def recorded_command(argv: tuple[str, ...], source_name: str) -> list[str]:
+    """llama-quantize's argv as the receipt records it: the binary and the source by name (receipts are published;
+    where they lay on the building machine is not theirs to say), everything else as run in the run directory."""
+    return [Path(argv[0]).name, *argv[1:-4], source_name, *argv[-3:]]
 
 
 def build_variant(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, force: bool,
@@ -150,21 +179,24 @@ def build_variant(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, forc
     return VariantResult(vplan.variant.tag, plan.run.root / q.file, q.sha256, done.skipped, done.seconds)
 
 
-def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
-          progress: ProgressFn = no_progress) -> BuildResult:
-    """The whole job: plan (every check first), imatrix, each variant, SHA256SUMS and manifest."""
+def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False, progress: ProgressFn = no_progress,
+          executor: Executor | None = None, imatrix_parts: int = 1) -> BuildResult:
+    """The whole job: plan (every check first), imatrix, each variant, SHA256SUMS and manifest. The planning is
+    here; the imatrix, each variant and each smoke or eval run where `executor` places them (default: in order
+    on this machine)."""
+    ex = executor or local.Executor()
     run = RunDir(Path(out).resolve())
     with locked(run):
         remove_stale_incomplete(run.root)
         started = time.monotonic()
         plan = make_plan(recipe, out, tc, progress, force)
-        im, _ = ensure_imatrix(plan, force, progress)
-        results = [build_variant(plan, v, im, force, progress) for v in plan.variants]
-        sums = {r.path.name: r.sha256 for r in results}
-        if im is not None and im.path.parent == run.root:
-            sums[im.path.name] = im.sha256
-        run.write_sha256sums(sums)  # before the steps that read the verified artifacts back
-        extra, gate_error = run_post_steps(plan, results, force, progress)
+        if ex.remote:  # before anything is placed: every node sees the run directory, the source, the toolchain
+            ex.check_nodes(needs_of(run, plan.source.path, plan.source.files, tc.describe()), progress)
+        im, _ = ensure_imatrix(plan, force, progress, ex, imatrix_parts)
+        plan, studies = head_study.run_studies(plan, im, force, progress)  # variants with draft_head, re-planned
+        results, extra, gate_error, schedule = run_tasks(plan, im, force, progress, ex)
+        remove_stale_incomplete(run.root)  # what a killed worker left; every task has ended
+        extra = {**studies, **extra}
         manifest = {
             "name": recipe.name, "recipe": str(recipe.path), "recipe_sha256": sha256_file(recipe.path),
             "source": {"file": plan.source.path.name, "sha256": plan.source.sha256},
@@ -176,6 +208,8 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
                 **extra,
             },
         }
+        manifest["gates"] = _gate_state(run, [r.tag for r in results])
+        manifest["executor"] = schedule.to_json()
         run.write_manifest(manifest)
         # the card is rendered from the receipts and manifest just written, then recorded in the manifest
         manifest["steps"]["card"] = {"file": card.write_card(run).name}
@@ -186,27 +220,42 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False,
         return BuildResult(plan, tuple(results), im, extra)
 
 
-def run_post_steps(plan: Plan, results: list[VariantResult], force: bool,
-                   progress: ProgressFn) -> tuple[dict, GateError | None]:
-    """Steps that read the verified artifacts back: fit, eval and smoke (as the recipe asks), each skipped per
-    variant when its receipt shows the same inputs."""
+def _gate_state(run: RunDir, tags: list[str]) -> dict:
+    """Per smoked variant: whether its gates held, and which failed (the run's state until it is rebuilt)."""
+    out = {}
+    for tag in tags:
+        r = run.read(SmokeReceipt, tag, stale_ok=True)
+        if r is not None and r.gates:
+            out[tag] = {"passed": r.gates.get("passed"), "k": r.gates.get("k"),
+                        "failed": [n for n, c in (r.gates.get("checks") or {}).items() if not c.get("passed")]}
+    return out
+
+
+def run_tasks(plan: Plan, im: ImatrixResult | None, force: bool, progress: ProgressFn,
+              ex: Executor) -> tuple[list[VariantResult], dict, GateError | None, Schedule]:
+    """Each variant's quantize + verify, then the steps that read it back (eval, smoke: one task per variant),
+    through the executor; SHA256SUMS and fit are written here as soon as the last variant is verified."""
     recipe, run = plan.recipe, plan.run
-    steps: dict = {}
-    fits = fit.fit_run(run.root, recipe.fit.vram_gb, recipe.fit.ctx, recipe.fit.kv, force=force)
-    steps.update({f"fit:{tag}": {"receipt": f"receipts/fit-{tag}.json"} for tag in fits})
-    if recipe.eval.enabled:
-        kwargs = {"text": recipe.eval.text} if recipe.eval.text else {}
-        done = kld.eval_run(plan.toolchain, run.root, plan.source.path.absolute(), ctx=recipe.eval.ctx,
-                            chunks=recipe.eval.chunks, force=force, progress=progress,
-                            source_sha256=plan.source.sha256, **kwargs)
-        steps.update({f"eval:{tag}": {"receipt": f"receipts/eval-{tag}.json"} for tag in done})
-    gate_error = None
-    if recipe.smoke.enabled:
-        artifacts = [Artifact(r.tag, r.path, r.sha256) for r in results]
-        try:
-            smoke.smoke_run(plan.toolchain, run, recipe.smoke, progress, artifacts=artifacts, force=force,
-                            spec_source=f"recipe {recipe.path.name}")
-        except GateError as exc:  # the card still records what was measured before the build fails
-            gate_error = exc
-        steps.update({f"smoke:{r.tag}": {"receipt": f"receipts/smoke-{r.tag}.json"} for r in results})
-    return steps, gate_error
+    tags = [v.variant.tag for v in plan.variants]
+    tasks = [Task(f"quantize:{v.variant.tag}", partial(build_variant, plan, v, im, force)) for v in plan.variants]
+    tasks += measure_tasks.post_tasks(plan, force)
+    results: dict[str, VariantResult] = {}
+    fits: dict = {}
+
+    def on_done(name: str, value) -> None:
+        if isinstance(value, VariantResult):
+            results[value.tag] = value
+            if len(results) == len(tags):  # before the steps that read the verified artifacts back
+                sums = {r.path.name: r.sha256 for r in results.values()}
+                if im is not None and im.path.parent == run.root:
+                    sums[im.path.name] = im.sha256
+                run.write_sha256sums(sums)
+                fits.update(fit.fit_run(run.root, recipe.fit.vram_gb, recipe.fit.ctx, recipe.fit.kv, force=force))
+
+    done = ex.run(tasks, progress, on_done)
+    schedule = Schedule(ex.describe(), sorted((o.record for o in done.values()), key=lambda r: r.started))
+    steps: dict = {f"fit:{tag}": {"receipt": f"receipts/fit-{tag}.json"} for tag in fits}
+    steps.update({t.name: {"receipt": f"receipts/{t.name.replace(':', '-')}.json"} for t in tasks if t.kind == GPU})
+    smokes = [done[f"smoke:{tag}"].value for tag in tags if f"smoke:{tag}" in done]
+    measure_tasks.record_concurrency(plan, schedule, smokes)  # what else ran meanwhile is known only now
+    return [results[t] for t in tags], steps, measure_tasks.gate_error(smokes), schedule

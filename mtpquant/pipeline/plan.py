@@ -117,7 +117,8 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
     require(tc, ["llama-quantize", "quantize_tensor_type_file"]
             + (["llama-imatrix"] if recipe.imatrix.kind == "compute" else [])
             + (["imatrix_nextn"] if recipe.imatrix.kind == "compute" and recipe.imatrix.nextn else [])
-            + (["llama-server", "draft_mtp"] if recipe.smoke.enabled else [])
+            + (["llama-server", "draft_mtp"] if recipe.smoke.enabled or any(v.draft_head for v in recipe.variants)
+               else [])
             + (["llama-perplexity"] if recipe.eval.enabled else []))
     run = RunDir(Path(out).resolve())
     run.ensure()

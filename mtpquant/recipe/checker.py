@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import math
 import re
 import re._parser as re_parser  # the stdlib's own regex parser, to look at a pattern's structure
+import stat
 from pathlib import Path
 from typing import Any
 
 MISSING = object()
+# C0 and C1 controls (tab, CR, LF, NEL among them), DEL, and Unicode's line and paragraph separators: a recipe value
+# is one line of text, and it reaches file names, commands and the model card
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class Checker:
@@ -50,6 +55,10 @@ class Checker:
             return None
         if not isinstance(value, str):
             self.bad(path, f"expected a string, got {kind_of(value)}")
+            return None
+        if m := _CONTROL.search(value):
+            self.bad(path, f"has a line break or control character ({m.group()!r} at position {m.start()})",
+                     "write the value on one line, without control characters")
             return None
         if pattern is not None and not pattern.match(value):
             self.bad(path, f"{value!r} is not a valid {what}")
@@ -133,7 +142,8 @@ class Checker:
             return None
         return s
 
-    def path(self, value: Any, path: str, base: Path, must_exist: bool = True) -> Path | None:
+    def path(self, value: Any, path: str, base: Path, must_exist: bool = True, text: bool = False) -> Path | None:
+        """A path relative to `base`; when it must exist, a regular file (and with `text`, UTF-8 text)."""
         s = self.string(value, path)
         if s is None:
             return None
@@ -142,11 +152,52 @@ class Checker:
         if must_exist and not p.exists():
             self.bad(path, f"file not found: {p}", "paths are relative to the recipe's folder")
             return None
+        if must_exist and not p.is_file():  # stat only: opening a FIFO to look at it would block
+            self.bad(path, f"{p} is {file_kind(p)}, not a regular file", "give a file")
+            return None
+        if must_exist and text and (problem := utf8_problem(p)):
+            self.bad(path, f"{p}: {problem}", "save it as UTF-8 text")
+            return None
         return p
 
 
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def file_kind(p: Path) -> str:
+    """What a path that is not a regular file is, in words: 'a directory', 'a FIFO', 'a character device', ..."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def utf8_problem(p: Path, chunk: int = 1 << 20) -> str | None:
+    """Why a regular file is not UTF-8 text ('not UTF-8 (byte N)', or the read error), None when it is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    try:
+        with open(p, "rb") as f:
+            while True:
+                data = f.read(chunk)
+                pending = len(decoder.getstate()[0])  # bytes of a character split by the previous chunk
+                try:
+                    decoder.decode(data, final=not data)
+                except UnicodeDecodeError as exc:
+                    return f"not UTF-8 (byte {done - pending + exc.start})"
+                if not data:
+                    break
+                done += len(data)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def kind_of(value: Any) -> str:
@@ -169,7 +220,7 @@ def _nested_repeat(items, inside: bool = False) -> bool:
     """Whether a parsed pattern has a repeat (max > 1) inside another: the shape of catastrophic backtracking."""
     for op, av in items:
         if op in (re_parser.MAX_REPEAT, re_parser.MIN_REPEAT, re_parser.POSSESSIVE_REPEAT):
-            lo, hi, sub = av
+            _lo, hi, sub = av
             repeats = hi is re_parser.MAXREPEAT or hi > 1
             if repeats and inside:
                 return True

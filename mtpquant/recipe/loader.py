@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,16 @@ from mtpquant.core.errors import RecipeError, UsageError
 from mtpquant.recipe.checker import Checker, kind_of
 from mtpquant.recipe.schema import (
     BLOCK_ROLES,
+    HEAD_REFERENCES,
+    HEAD_SCOPES,
+    KV_TYPES,
     NAME_RE,
     REPO_RE,
     SHA_RE,
     TENSOR_TYPES,
     VARIANT_TYPES,
     CardSpec,
+    DraftHeadSpec,
     EvalSpec,
     Expect,
     FitSpec,
@@ -127,7 +132,7 @@ def _imatrix(c: Checker, value: Any, base: Path) -> ImatrixSpec:
     f = c.mapping(d["compute"], "imatrix.compute", {"corpus": True, "chunks": False, "ctx": False, "nextn": False})
     if f is None:
         return ImatrixSpec()
-    corpus = c.path(f.get("corpus"), "imatrix.compute.corpus", base)
+    corpus = c.path(f.get("corpus"), "imatrix.compute.corpus", base, text=True)
     chunks = c.integer(f.get("chunks", 64), "imatrix.compute.chunks", 1, 100000)
     ctx = c.integer(f.get("ctx", 512), "imatrix.compute.ctx", 32, 1 << 20)
     nextn = c.boolean(f.get("nextn", True), "imatrix.compute.nextn")
@@ -136,11 +141,35 @@ def _imatrix(c: Checker, value: Any, base: Path) -> ImatrixSpec:
 
 
 def _gates(c: Checker, value: Any, path: str) -> Gates:
-    d = c.mapping(value, path, {"min_acceptance": False, "min_speedup": False})
+    d = c.mapping(value, path, {"min_acceptance": False, "min_speedup": False, "k": False})
     if d is None:
         return Gates()
     return Gates(c.number(d.get("min_acceptance"), f"{path}.min_acceptance", 0.0, 1.0),
-                 c.number(d.get("min_speedup"), f"{path}.min_speedup", 0.0, 100.0))
+                 c.number(d.get("min_speedup"), f"{path}.min_speedup", 0.0, 100.0),
+                 c.integer(d.get("k"), f"{path}.k", 1, 64))
+
+
+# Flags mtpquant sets itself, identically for both arms: a recipe may not set them through server_args.
+OWN_SERVER_FLAGS = ("-m", "--model", "--host", "--port", "-c", "--ctx-size", "-np", "--parallel", "-t", "--threads",
+                    "-ngl", "--gpu-layers", "--n-gpu-layers", "-ncmoe", "--n-cpu-moe", "-b", "--batch-size", "-ub",
+                    "--ubatch-size", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fa", "--flash-attn",
+                    "-fit", "--fit", "--metrics", "--spec-type", "--spec-draft-n-max", "--spec-draft-n-min")
+
+
+def _server_args(c: Checker, value: Any) -> tuple[str, ...]:
+    """Extra llama-server flags, the same on every server: strings, flags first, none that mtpquant sets itself."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
+        c.bad("smoke.server_args", f"expected a list of strings, got {kind_of(value)}", "e.g. [--mlock]")
+        return ()
+    if not value[0].startswith("-"):
+        c.bad("smoke.server_args[0]", f"{value[0]!r} is not a flag", "each argument list starts with a --flag")
+    for i, a in enumerate(value):
+        if a.split("=", 1)[0] in OWN_SERVER_FLAGS:
+            c.bad(f"smoke.server_args[{i}]", f"{a} is set by mtpquant itself, the same for both arms",
+                  "use the smoke field for it (threads, gpu_layers, n_cpu_moe, batch, ubatch, kv_type, flash_attn)")
+    return tuple(value)
 
 
 def _smoke(c: Checker, value: Any) -> SmokeSpec:
@@ -148,7 +177,9 @@ def _smoke(c: Checker, value: Any) -> SmokeSpec:
         return SmokeSpec()
     d = c.mapping(value, "smoke", {"enabled": False, "seeds": False, "draft_n_max": False, "max_tokens": False,
                                    "prompts": False, "raw": False, "ctx": False, "context_sweep": False,
-                                   "threads": False, "gpu_layers": False, "gate": False, "variant_gates": False})
+                                   "threads": False, "gpu_layers": False, "gate": False, "variant_gates": False,
+                                   "n_cpu_moe": False, "batch": False, "ubatch": False, "kv_type": False,
+                                   "flash_attn": False, "server_args": False, "warmup": False, "reference": False})
     if d is None:
         return SmokeSpec()
     default = SmokeSpec()
@@ -171,6 +202,15 @@ def _smoke(c: Checker, value: Any) -> SmokeSpec:
         context_sweep=c.int_list(d.get("context_sweep"), "smoke.context_sweep", 64) or (),
         threads=c.integer(d.get("threads"), "smoke.threads", 1, 4096),
         gpu_layers=c.integer(d.get("gpu_layers"), "smoke.gpu_layers", 0, 100000),
+        n_cpu_moe=c.integer(d.get("n_cpu_moe"), "smoke.n_cpu_moe", 0, 100000),
+        batch=c.integer(d.get("batch"), "smoke.batch", 1, 1 << 20),
+        ubatch=c.integer(d.get("ubatch"), "smoke.ubatch", 1, 1 << 20),
+        kv_type=c.choice(d.get("kv_type"), "smoke.kv_type", KV_TYPES, "KV type", fold=False) if "kv_type" in d else None,
+        flash_attn=c.choice(d.get("flash_attn"), "smoke.flash_attn", ("on", "off", "auto"), "setting", fold=False)
+        if "flash_attn" in d else None,
+        server_args=_server_args(c, d.get("server_args")),
+        warmup=c.integer(d.get("warmup"), "smoke.warmup", 2, 100) or default.warmup,
+        reference=c.string(d.get("reference"), "smoke.reference"),
         gates=_gates(c, d["gate"], "smoke.gate") if "gate" in d else Gates(),
         variant_gates=variant_gates,
     )
@@ -184,7 +224,7 @@ def _eval(c: Checker, value: Any, base: Path) -> EvalSpec:
         return EvalSpec()
     enabled = c.boolean(d.get("enabled", True), "eval.enabled")
     return EvalSpec(enabled=True if enabled is None else enabled,
-                    text=c.path(d.get("text"), "eval.text", base) if "text" in d else None,
+                    text=c.path(d.get("text"), "eval.text", base, text=True) if "text" in d else None,
                     ctx=c.integer(d.get("ctx"), "eval.ctx", 16, 1 << 20) or 128,
                     chunks=c.integer(d.get("chunks"), "eval.chunks", 1, 100000) or 16)
 
@@ -210,7 +250,7 @@ def _fit(c: Checker, value: Any) -> FitSpec:
             c.bad("fit.kv", f"expected a list of KV cache types, got {kind_of(kv)}")
         else:
             kv_t = tuple(x for i, x in enumerate(kv)
-                         if c.choice(x, f"fit.kv[{i}]", ("f16", "bf16", "q8_0", "q4_0"), "KV type", fold=False))
+                         if c.choice(x, f"fit.kv[{i}]", KV_TYPES, "KV type", fold=False))
     return FitSpec(vram_t, c.int_list(d.get("ctx"), "fit.ctx", 64) or FitSpec.ctx, kv_t)
 
 
@@ -236,7 +276,51 @@ def _publish(c: Checker, value: Any) -> PublishSpec:
                        private=bool(c.boolean(d.get("private"), "publish.private")))
 
 
-def _variants(c: Checker, value: Any) -> tuple[Variant, ...]:
+HEAD_FIELDS = {"candidates": False, "scope": False, "reference": False, "tolerance_pp": False, "k": False,
+               "prompts": False, "max_tokens": False, "slots": False, "threads": False, "unweighted": False}
+
+
+def _draft_head(c: Checker, value: Any, path: str, base: DraftHeadSpec | None) -> DraftHeadSpec | None:
+    """`draft_head` over `base` (the recipe's settings for a variant, else the defaults); false: no study."""
+    if value is False:
+        return None
+    d = c.mapping(value, path, HEAD_FIELDS)
+    if d is None:
+        return None
+    spec = base or DraftHeadSpec()
+    got: dict[str, Any] = {}
+    if "candidates" in d:
+        cands = d["candidates"]
+        if not isinstance(cands, list) or not cands:
+            c.bad(f"{path}.candidates", f"expected a non-empty list of tensor types, got {kind_of(cands)}",
+                  "e.g. [Q4_K, Q5_K, Q6_K, Q8_0]")
+        else:
+            types = [c.choice(t, f"{path}.candidates[{i}]", TENSOR_TYPES, "tensor type") for i, t in enumerate(cands)]
+            if len(set(types)) != len(types) and all(types):
+                c.bad(f"{path}.candidates", "has duplicates")
+            elif all(types):
+                got["candidates"] = tuple(types)
+    if "scope" in d:
+        got["scope"] = c.choice(d["scope"], f"{path}.scope", HEAD_SCOPES, "draft-head scope", fold=False)
+    if "reference" in d:
+        got["reference"] = c.choice(d["reference"], f"{path}.reference", HEAD_REFERENCES, "reference head",
+                                    fold=False)
+    if "tolerance_pp" in d:
+        got["tolerance_pp"] = c.number(d["tolerance_pp"], f"{path}.tolerance_pp", 0.0, 100.0)
+    for key, lo, hi in (("k", 1, 64), ("prompts", 2, 100000), ("max_tokens", 2, 100000), ("slots", 1, 256),
+                        ("threads", 1, 4096)):
+        if key in d:
+            got[key] = c.integer(d[key], f"{path}.{key}", lo, hi)
+    if "unweighted" in d:
+        got["unweighted"] = c.boolean(d["unweighted"], f"{path}.unweighted")
+    spec = replace(spec, **{k: v for k, v in got.items() if v is not None})
+    if spec.max_tokens <= spec.k:
+        c.bad(f"{path}.max_tokens", f"{spec.max_tokens} tokens leave no room for drafts of k={spec.k}",
+              "give more tokens than the draft length")
+    return spec
+
+
+def _variants(c: Checker, value: Any, head: DraftHeadSpec | None = None) -> tuple[Variant, ...]:
     if not isinstance(value, list) or not value:
         c.bad("variants", f"expected a non-empty list of variants, got {kind_of(value)}",
               "e.g. variants: [{type: Q4_K_M}]")
@@ -244,14 +328,15 @@ def _variants(c: Checker, value: Any) -> tuple[Variant, ...]:
     out = []
     for i, item in enumerate(value):
         p = f"variants[{i}]"
-        d = c.mapping(item, p, {"type": True, "policy": False, "label": False})
+        d = c.mapping(item, p, {"type": True, "policy": False, "label": False, "draft_head": False})
         if d is None:
             continue
         typ = c.choice(d.get("type"), f"{p}.type", VARIANT_TYPES, "quantization type") if "type" in d else None
         label = c.string(d.get("label"), f"{p}.label", NAME_RE, "label (letters, digits, . _ -)")
         rules = _rules(c, d.get("policy"), f"{p}.policy")
         if typ:
-            out.append(Variant(typ, rules, label or ""))
+            vhead = _draft_head(c, d["draft_head"], f"{p}.draft_head", head) if "draft_head" in d else head
+            out.append(Variant(typ, rules, label or "", vhead))
     tags = [v.tag for v in out]
     for tag in sorted({t for t in tags if tags.count(t) > 1}):
         c.bad("variants", f"two variants would both write the {tag} file", "give one of them a distinct 'label'")
@@ -259,7 +344,8 @@ def _variants(c: Checker, value: Any) -> tuple[Variant, ...]:
 
 
 TOP_LEVEL = {"name": True, "source": True, "expect": False, "mtp": False, "imatrix": False, "policy": False,
-             "variants": True, "smoke": False, "eval": False, "fit": False, "card": False, "publish": False}
+             "variants": True, "smoke": False, "eval": False, "fit": False, "card": False, "publish": False,
+             "draft_head": False}
 
 
 def parse(data: Any, file: Path) -> Recipe:
@@ -283,7 +369,8 @@ def parse(data: Any, file: Path) -> Recipe:
     require = c.boolean(m.get("require", True), "mtp.require") if m is not None else True
     imatrix = _imatrix(c, d.get("imatrix"), base)
     policy = _rules(c, d.get("policy"), "policy")
-    variants = _variants(c, d.get("variants"))
+    head = _draft_head(c, d["draft_head"], "draft_head", None) if "draft_head" in d else None
+    variants = _variants(c, d.get("variants"), head)
     smoke = _smoke(c, d.get("smoke"))
     ev = _eval(c, d.get("eval"), base)
     fit = _fit(c, d.get("fit"))
@@ -293,7 +380,7 @@ def parse(data: Any, file: Path) -> Recipe:
         raise RecipeError(c.problems or [f"{file}: (top level): incomplete recipe"])  # pragma: no cover
     return Recipe(path=file, name=name, source=source, expect=expect, mtp_require=require is not False,
                   imatrix=imatrix, policy=policy, variants=variants, smoke=smoke, eval=ev, fit=fit, card=card,
-                  publish=publish, raw=d)
+                  publish=publish, draft_head=head, raw=d)
 
 
 def load(path: Path) -> Recipe:

@@ -17,7 +17,11 @@ TENSOR_TYPES = (
     "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
     "MXFP4",
 )
+# KV cache types llama-server takes for -ctk/-ctv, for recipes, `mtpquant fit --kv` and the estimate alike.
+KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
 BLOCK_ROLES = ("nextn", "trunk")
+HEAD_SCOPES = ("eh_proj", "nextn_block")  # draft_head.scope: nextn.eh_proj only, or every quantizable NextN tensor
+HEAD_REFERENCES = ("Q8_0", "source")  # draft_head.reference: the head every candidate is compared against
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -43,10 +47,28 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class DraftHeadSpec:
+    """The draft-head study: the types the NextN head's tensors are tried at (trunk unchanged), the head they are
+    compared against, and how much MTP acceptance the chosen one may lose."""
+
+    candidates: tuple[str, ...] = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
+    scope: str = "eh_proj"  # eh_proj | nextn_block
+    reference: str = "Q8_0"  # Q8_0 | source (the source's own type, BF16 for a BF16 checkpoint)
+    tolerance_pp: float = 1.0  # largest acceptable loss in percentage points, at the 95% upper bound
+    k: int = 3  # --spec-draft-n-max of the acceptance measurement
+    prompts: int | None = None  # the first N prompts of the suite (None: all)
+    max_tokens: int = 64
+    slots: int = 4  # llama-server slots answering requests concurrently (the counts do not depend on timing)
+    threads: int | None = None  # llama-server threads (None: smoke.threads, else llama.cpp's default)
+    unweighted: bool = False  # also measure each candidate quantized without the head's importance data
+
+
+@dataclass(frozen=True)
 class Variant:
     type: str
     rules: tuple[Rule, ...] = ()  # variant-specific rules, tried before the recipe's policy
     label: str = ""  # file-name tag; defaults to the type
+    draft_head: DraftHeadSpec | None = None  # the study for this variant (the recipe's, with the variant's keys)
 
     @property
     def tag(self) -> str:
@@ -101,8 +123,11 @@ class ImatrixSpec:
 
 @dataclass(frozen=True)
 class Gates:
+    """Smoke gates, each met only when the lower bound of its 95% CI clears it, at a k fixed in advance."""
+
     min_acceptance: float | None = None
     min_speedup: float | None = None
+    k: int | None = None  # the draft length gated (None: the first of smoke.draft_n_max)
 
 
 @dataclass(frozen=True)
@@ -110,13 +135,22 @@ class SmokeSpec:
     enabled: bool = False
     seeds: tuple[int, ...] = (42,)
     draft_n_max: tuple[int, ...] = (3,)
-    max_tokens: int = 64
+    max_tokens: int = 256  # short requests favour small k: the last k tokens of a request cannot draft fully
     prompts: int | None = None  # use the first N prompts of the suite (None: all)
     raw: bool = False  # also measure raw /completion prompts
     ctx: int = 4096
     context_sweep: tuple[int, ...] = ()
     threads: int | None = None
     gpu_layers: int | None = None
+    # the same explicit placement for every server, so both arms run on the same machine state
+    n_cpu_moe: int | None = None
+    batch: int | None = None
+    ubatch: int | None = None
+    kv_type: str | None = None  # -ctk/-ctv of the main context (the draft context keeps llama.cpp's F16)
+    flash_attn: str | None = None  # on | off | auto
+    server_args: tuple[str, ...] = ()  # more llama-server flags, the same for every server
+    warmup: int = 2  # full-length requests per server that are not counted
+    reference: str | None = None  # source | <variant tag>: acceptance of a reference head on the same prompts
     gates: Gates = Gates()
     variant_gates: dict = field(default_factory=dict)  # variant tag -> Gates
 
@@ -165,6 +199,7 @@ class Recipe:
     fit: FitSpec
     card: CardSpec
     publish: PublishSpec
+    draft_head: DraftHeadSpec | None = None  # the recipe-wide study settings; each variant carries its own
     raw: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

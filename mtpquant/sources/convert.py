@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import importlib.util
+import fcntl
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import struct
@@ -14,7 +16,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtpquant.core.errors import ConvertError, MtpquantError, ToolError, UsageError
@@ -27,9 +30,18 @@ from mtpquant.modelfile.model import ModelInfo, read_model
 
 log = logging.getLogger(__name__)
 
-# The converter imports torch and transformers at module level; both come from local wheels here.
-# transformers 5.x: 4.x (the converter's own requirements pin) would downgrade huggingface_hub below 1.0.
-REQUIREMENTS = {"torch": "torch==2.13.0", "transformers": "transformers==5.23.0"}
+# The converter imports torch and transformers at module level. They go into an environment of its own in the
+# cache, never into the user's. transformers 5.x: 4.x (the converter's own pin) needs huggingface_hub below 1.0.
+REQUIREMENTS = ("torch==2.13.0", "transformers==5.23.0")
+ENV_FOLDER = "converter-env"
+ENV_MARKER = "environment.json"  # written last: a folder without it is a creation that did not finish
+# Variables that would make the environment's python or pip look outside it.
+ENV_LEAKS = ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PIP_USER", "PIP_TARGET", "PIP_PREFIX", "VIRTUAL_ENV")
+VENV_HINT = "its python needs the venv module with ensurepip (Debian: apt-get install python3-venv)"
+ENV_HINT = ("pip needs PyPI, or an index or wheel folder holding them (see `pip config list`); fix that and run "
+            "again")
+INSTALLED = ("import importlib.metadata as m, json; "
+             "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}, sort_keys=True))")
 OUTTYPE = "bf16"
 SCRIPT = "convert_hf_to_gguf.py"
 TREE_PARTS = (SCRIPT, "conversion/", "gguf-py/", "LICENSE")
@@ -100,12 +112,33 @@ class Conversion:
     tokenizer_pre: str | None  # tokenizer.ggml.pre as written
     converter: Converter
     info: ModelInfo
+    environment: dict = field(default_factory=dict)  # ConverterEnv.identity() of the environment that ran it
 
     def provenance(self) -> dict:
         return {"key": self.key, "reused": self.reused, "seconds": round(self.seconds, 3),
                 "output": self.path.name, "outtype": OUTTYPE, "args": list(self.args),
                 "pre_tokenizer": self.pre_tokenizer, "tokenizer_pre": self.tokenizer_pre,
-                "converter": self.converter.identity()}
+                "converter": self.converter.identity(), "environment": self.environment}
+
+
+@dataclass(frozen=True)
+class ConverterEnv:
+    """The converter's own virtual environment in the cache: REQUIREMENTS installed once, the user's untouched."""
+
+    root: Path
+    key: str
+    python_version: str
+    requirements: tuple[str, ...]
+    packages: dict  # distribution name -> version, as installed
+
+    @property
+    def python(self) -> Path:
+        return self.root / "bin" / "python"
+
+    def identity(self) -> dict:
+        """What receipts record of the environment: its key, python and every installed package's version."""
+        return {"key": self.key, "python": self.python_version, "requirements": list(self.requirements),
+                "packages": dict(self.packages)}
 
 
 # ----------------------------------------------------------------------------------------------- the converter
@@ -181,30 +214,86 @@ def known_pre_tokenizers(conv: Converter) -> tuple[str, ...]:
     return tuple(sorted(set(re.findall(r'res = "([^"]+)"', text[start:end if end > 0 else None]))))
 
 
-def ensure_dependencies(progress: ProgressFn = no_progress, log_path: Path | None = None) -> None:
-    """Install torch (and transformers) for the converter, only when missing."""
-    missing = [req for mod, req in REQUIREMENTS.items() if importlib.util.find_spec(mod) is None]
-    if not missing:
-        return
-    label = f"installing {' '.join(missing)} for safetensors conversion"
-    log.info(label)
-    progress(label, 0, 1)
+def environment_key() -> str:
+    """What the converter's environment depends on: REQUIREMENTS and the interpreter it is made from (a cache
+    shared between machines must not hand one machine's environment to another's python)."""
+    return sha256_json({"requirements": list(REQUIREMENTS), "python": platform.python_version(),
+                        "implementation": sys.implementation.name, "machine": platform.machine(),
+                        "base_prefix": sys.base_prefix})[:16]
+
+
+def ensure_environment(progress: ProgressFn = no_progress) -> ConverterEnv:
+    """The converter's environment (cache/converter-env/<key>), created once: a venv of this python with
+    REQUIREMENTS installed by its own pip, so the user's environment never changes (log: cache/logs/)."""
+    key = environment_key()
+    base = cache_root() / ENV_FOLDER
+    base.mkdir(parents=True, exist_ok=True)
+    root = base.resolve() / key
+    if (env := _load_environment(root, key)) is not None:
+        return env
+    with _locked(base / f".{key}.lock"):
+        if (env := _load_environment(root, key)) is not None:  # made by another process meanwhile
+            return env
+        return _create_environment(root, key, progress, cache_root() / "logs" / f"{ENV_FOLDER}-{key}.log")
+
+
+def _load_environment(root: Path, key: str) -> ConverterEnv | None:
     try:
-        run_tool([sys.executable, "-m", "pip", "install", *missing], log_path=log_path)
+        data = json.loads((root / ENV_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    env = ConverterEnv(root, key, data.get("python", ""), tuple(data.get("requirements", ())), data.get("packages", {}))
+    if data.get("key") != key or not env.python.exists():  # exists() follows the link to the base python
+        return None
+    return env
+
+
+def _create_environment(root: Path, key: str, progress: ProgressFn, log_path: Path) -> ConverterEnv:
+    label = f"create the converter environment ({', '.join(REQUIREMENTS)})"
+    log.info("%s in %s", label, root)
+    started = time.monotonic()
+    if root.exists():  # a creation that was killed before it finished
+        shutil.rmtree(root)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.unlink(missing_ok=True)
+    env_vars = {k: v for k, v in os.environ.items() if k not in ENV_LEAKS}
+    python = root / "bin" / "python"
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", *REQUIREMENTS]
+    steps = [([sys.executable, "-m", "venv", root], "python -m venv {how}", VENV_HINT),
+             (pip, f"pip could not install {' '.join(REQUIREMENTS)} (pip {{how}})", ENV_HINT),
+             ([python, "-c", INSTALLED], "listing its packages {how}", "read the log")]
+    progress(label, 0, len(steps))
+    try:
+        for i, (argv, what, hint) in enumerate(steps, 1):
+            done = run_tool(argv, log_path=log_path, env=env_vars)
+            progress(label, i, len(steps))
+        packages = json.loads(done.stdout)
     except ToolError as exc:
-        where = f"; log: {log_path}" if log_path else ""
-        raise ConvertError(f"could not install {' '.join(missing)} (pip {exc.how}){where}",
-                           f"run: {sys.executable} -m pip install {' '.join(missing)}") from None
-    importlib.invalidate_caches()
-    progress(label, 1, 1)
+        shutil.rmtree(root, ignore_errors=True)
+        raise ConvertError(f"cannot create the converter environment {root}: {what.format(how=exc.how)}; "
+                           f"log: {log_path}", hint) from None
+    env = ConverterEnv(root, key, platform.python_version(), REQUIREMENTS, packages)
+    write_json_atomic(root / ENV_MARKER, {**env.identity(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime()),
+                                          "seconds": round(time.monotonic() - started, 1)})
+    return env
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process creates an environment; another waits for it and then uses it."""
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------- converting
 
-def conversion_key(conv: Converter, inputs: dict[str, str], args: list[str], pre_tokenizer: str | None) -> str:
-    """What decides the output bytes: the input files' sha256s, the converter, its arguments."""
+def conversion_key(conv: Converter, inputs: dict[str, str], args: list[str], pre_tokenizer: str | None,
+                   environment: str | None = None) -> str:
+    """What decides the output bytes: the input files' sha256s, the converter, its arguments, its environment."""
     return sha256_json({"inputs": sorted(inputs.items()), "converter": conv.identity(), "args": args,
-                        "pre_tokenizer": pre_tokenizer})
+                        "pre_tokenizer": pre_tokenizer, "environment": environment or environment_key()})
 
 
 def convert_checkpoint(model_dir: Path, inputs: dict[str, str], name: str, *, pre_tokenizer: str | None = None,
@@ -229,18 +318,19 @@ def convert_checkpoint(model_dir: Path, inputs: dict[str, str], name: str, *, pr
     folder = cache_root() / "converted" / key[:32]
     target = folder / f"{name}-{OUTTYPE.upper()}.gguf"
     expects_mtp = _declares_mtp(model_dir, inputs)
-    if not force and _cached(folder, target, key):
+    if not force and (made := _cached(folder, target, key)) is not None:
         info = read_model(target)
         _check_output(info, target, expects_mtp)
-        return Conversion(target, key, True, 0.0, tuple(args), pre_tokenizer, _tokenizer_pre(info), conv, info)
-    ensure_dependencies(progress, log_path)
+        return Conversion(target, key, True, 0.0, tuple(args), pre_tokenizer, _tokenizer_pre(info), conv, info,
+                          made.get("environment") or {})
+    env = ensure_environment(progress)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = incomplete_path(target)
     tmp.unlink(missing_ok=True)
     forced = ["--force-pre-tokenizer", pre_tokenizer] if pre_tokenizer else []
-    argv = [sys.executable, "-u", conv.wrapper, *forced, model_dir, *args, "--outfile", tmp]
-    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    argv = [env.python, "-u", conv.wrapper, *forced, model_dir, *args, "--outfile", tmp]
+    env_vars = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF" and k not in ENV_LEAKS}
+    env_vars.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     total = max(1, _count_tensors(model_dir, inputs))
     done = 0
     label = f"convert {name}"
@@ -255,7 +345,7 @@ def convert_checkpoint(model_dir: Path, inputs: dict[str, str], name: str, *, pr
     progress(label, 0, total)
     try:
         try:
-            run_tool(argv, log_path=log_path, on_line=on_line, env=env)
+            run_tool(argv, log_path=log_path, on_line=on_line, env=env_vars)
         except ToolError as exc:
             raise _explain(exc, conv) from None
         info = read_model(tmp)
@@ -269,20 +359,23 @@ def convert_checkpoint(model_dir: Path, inputs: dict[str, str], name: str, *, pr
     write_json_atomic(folder / MANIFEST, {"key": key, "file": target.name, "size": st.st_size,
                                           "mtime_ns": st.st_mtime_ns, "inputs": inputs, "args": args,
                                           "pre_tokenizer": pre_tokenizer, "converter": conv.identity(),
-                                          "seconds": round(seconds, 3)})
+                                          "environment": env.identity(), "seconds": round(seconds, 3)})
     progress(label, total, total)
-    return Conversion(target, key, False, seconds, tuple(args), pre_tokenizer, _tokenizer_pre(info), conv, info)
+    return Conversion(target, key, False, seconds, tuple(args), pre_tokenizer, _tokenizer_pre(info), conv, info,
+                      env.identity())
 
 
-def _cached(folder: Path, target: Path, key: str) -> bool:
-    """A finished conversion with this key whose output is untouched since (size and mtime as recorded)."""
+def _cached(folder: Path, target: Path, key: str) -> dict | None:
+    """The record of a finished conversion with this key whose output is untouched since (size and mtime as
+    recorded), else None."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         st = target.stat()
     except (OSError, ValueError):
-        return False
-    return manifest.get("key") == key and (st.st_size, st.st_mtime_ns) == (manifest.get("size"),
+        return None
+    same = manifest.get("key") == key and (st.st_size, st.st_mtime_ns) == (manifest.get("size"),
                                                                           manifest.get("mtime_ns"))
+    return manifest if same else None
 
 
 def _explain(exc: ToolError, conv: Converter) -> MtpquantError:

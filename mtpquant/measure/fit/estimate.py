@@ -83,11 +83,18 @@ def padded_ctx(ctx: int) -> int:
     return -(-ctx // KV_PAD) * KV_PAD
 
 
+# Architectures with multi-head latent attention: llama.cpp 515e85511 caches the compressed latent as K and keeps no
+# separate V cache for them.
+MLA_ARCHES = frozenset({"deepseek2", "deepseek3", "glm4moe_mla", "kimi_k2", "minicpm3", "plm"})
+DRAFT_KV_TYPE = "f16"  # llama-server's --spec-draft-type-k/-v default (-ctkd): the MTP context's KV cache type
+
+
 def kv_bytes(hp: Hparams, layers: Iterable[int], ctx: int, kv_type: str) -> int:
     """K and V cache of the given layers for ctx cells (unified: shared by every slot)."""
     cells = padded_ctx(ctx)
+    v_length = 0 if hp.arch in MLA_ARCHES else hp.value_length
     return sum(cells * (row_bytes(kv_type, hp.n_head_kv[il] * hp.key_length)
-                        + row_bytes(kv_type, hp.n_head_kv[il] * hp.value_length)) for il in layers)
+                        + row_bytes(kv_type, hp.n_head_kv[il] * v_length)) for il in layers)
 
 
 def _recurrent_row(hp: Hparams) -> tuple[int, int]:
@@ -220,6 +227,6 @@ def needs(hp: Hparams, w: Weights, ctx: int, kv_type: str, mtp: bool, settings: 
     return Need(ctx=ctx, kv_type=kv_type, weights=w.gpu_fixed, host_weights=w.host_fixed, experts=w.experts,
                 kv=kv_bytes(hp, hp.attention_layers, ctx, kv_type),
                 recurrent=recurrent_bytes(hp, settings, mtp),
-                mtp_kv=kv_bytes(hp, hp.nextn_blocks, ctx, kv_type) if mtp else 0,
+                mtp_kv=kv_bytes(hp, hp.nextn_blocks, ctx, DRAFT_KV_TYPE) if mtp else 0,
                 compute=compute_bytes(hp, ctx, settings, mtp),
                 mtp_compute=compute_bytes(hp, ctx, settings, mtp, draft=True) if mtp else 0)

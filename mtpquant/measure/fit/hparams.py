@@ -6,13 +6,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtpquant.core.errors import UsageError
-from mtpquant.modelfile.header import field_value, read_header
-from mtpquant.modelfile.model import ModelInfo
+from mtpquant.core.errors import GGUFReadError, UsageError
+from mtpquant.modelfile.header import field_int, field_value, read_header
+from mtpquant.modelfile.model import MAX_BLOCKS, ModelInfo
 
 # Per-layer arrays ModelInfo.kv leaves out for being long (models of more than 64 blocks)
 PER_LAYER_KEYS = ("attention.recurrent_layers", "attention.head_count_kv", "attention.head_count",
                   "feed_forward_length", "expert_feed_forward_length")
+MAX_WIDTH = 1 << 24  # embedding, FFN, vocabulary and state sizes: far above any model
+MAX_HEADS = 1 << 16  # heads and experts
+# Every `<arch>.` integer the estimate reads, with the range a model can have: a header is untrusted, and a
+# value of another type or far out of range is refused in one line before any arithmetic
+INT_KEYS = {"block_count": MAX_BLOCKS, "nextn_predict_layers": MAX_BLOCKS, "embedding_length": MAX_WIDTH,
+            "vocab_size": MAX_WIDTH, "attention.head_count": MAX_HEADS, "attention.head_count_kv": MAX_HEADS,
+            "attention.key_length": MAX_WIDTH, "attention.value_length": MAX_WIDTH,
+            "full_attention_interval": MAX_BLOCKS, "ssm.conv_kernel": MAX_WIDTH, "ssm.state_size": MAX_WIDTH,
+            "ssm.group_count": MAX_HEADS, "ssm.inner_size": MAX_WIDTH, "expert_count": MAX_HEADS,
+            "expert_used_count": MAX_HEADS, "feed_forward_length": MAX_WIDTH,
+            "expert_feed_forward_length": MAX_WIDTH}
+PER_LAYER_INTS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length",
+                  "expert_feed_forward_length")  # one integer, or one per block
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,8 @@ def tensor_sizes(items) -> list[TensorSize]:
 
 
 def model_kv(info: ModelInfo) -> dict:
-    """info.kv plus per-layer arrays it leaves out for being long (models of more than 64 blocks)."""
+    """info.kv plus per-layer arrays it leaves out for being long (models of more than 64 blocks), every value the
+    estimate reads checked (GGUFReadError naming the file)."""
     kv = dict(info.kv)
     missing = [f"{info.arch}.{k}" for k in PER_LAYER_KEYS if f"{info.arch}.{k}" not in kv]
     if missing and info.paths and Path(info.paths[0]).is_file():
@@ -77,7 +91,35 @@ def model_kv(info: ModelInfo) -> dict:
             value = field_value(reader, key)
             if value is not None:
                 kv[key] = value
+    check_kv(kv, info.arch, info.paths[0] if info.paths else None)
     return kv
+
+
+def check_kv(kv: dict, arch: str, where: str | Path | None = None) -> None:
+    """Every `<arch>.` value the estimate reads is an integer (or per-layer integers, or flags) in range."""
+    where = where or f"{arch} metadata"
+    for key, hi in INT_KEYS.items():
+        full = f"{arch}.{key}"
+        value = kv.get(full)
+        if key in PER_LAYER_INTS and isinstance(value, (list, tuple)):
+            _per_block_count(full, value, where)
+            for i, v in enumerate(value):
+                field_int({f"{full}[{i}]": v}, f"{full}[{i}]", None, 0, hi, where)
+        else:
+            field_int(kv, full, None, 0, hi, where)
+    full = f"{arch}.attention.recurrent_layers"
+    flags = kv.get(full)
+    if flags is not None:
+        if not isinstance(flags, (list, tuple)) or not all(isinstance(f, (bool, int)) and f in (0, 1) for f in flags):
+            raise GGUFReadError(f"{where}: {full} is not an array of booleans",
+                                "the file's metadata is damaged; regenerate it")
+        _per_block_count(full, flags, where)
+
+
+def _per_block_count(key: str, values, where) -> None:
+    if len(values) > MAX_BLOCKS:
+        raise GGUFReadError(f"{where}: {key} has {len(values)} entries, more than {MAX_BLOCKS} blocks",
+                            "the file's metadata is damaged; regenerate it")
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -134,6 +176,7 @@ def _experts(kv: dict, arch: str, n_embd: int) -> tuple[int, int]:
 
 def read_hparams(arch: str, kv: dict, tensors: Sequence[TensorSize]) -> Hparams:
     """Sizes from `<arch>.*` keys; hybrid layout from recurrent_layers or full_attention_interval if present."""
+    check_kv(kv, arch)
     block_count = int(_get(kv, arch, "block_count", 0))
     nextn = int(_get(kv, arch, "nextn_predict_layers", 0))
     n_layer = block_count - nextn

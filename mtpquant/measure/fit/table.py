@@ -14,11 +14,9 @@ from mtpquant.core.steps import Step, run_step
 from mtpquant.measure.fit.estimate import GiB, MiB, Need, ServerSettings, mib, needs, place_weights
 from mtpquant.measure.fit.hparams import model_kv, read_hparams, tensor_sizes
 from mtpquant.modelfile.model import ModelInfo, read_model
+from mtpquant.recipe.schema import KV_TYPES, FitSpec
 
-KV_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
-DEFAULT_VRAM_GB = (12, 16, 24, 32)
-DEFAULT_CTX = (4096, 32768, 131072)
-DEFAULT_KV = ("f16", "q8_0")
+DEFAULT_VRAM_GB, DEFAULT_CTX, DEFAULT_KV = FitSpec.vram_gb, FitSpec.ctx, FitSpec.kv
 
 
 def verdict(need: Need, vram_gb: float, settings: ServerSettings) -> dict:
@@ -54,7 +52,9 @@ def fit_from_tensors(arch: str, kv: dict, tensors, vram_gb: Sequence[float] = DE
     rows = [verdict(n, g, settings) for n in need_list for g in vram_gb]
     return {"model": hp.to_json(), "mtp": mtp, "settings": settings.to_json(), "weights": w.to_json(),
             "needs": [n.to_json() for n in need_list], "rows": rows,
-            "method": "offline estimate from the GGUF header (mtpquant.fit); compute buffers by formula"}
+            "method": "offline estimate from the GGUF header (mtpquant.measure.fit), MTP draft KV cache at F16 "
+                      "(llama-server's -ctkd default), compute buffers by formula; an --n-cpu-moe line is a memory "
+                      "estimate, not a measured speed"}
 
 
 def fit_table(info: ModelInfo, vram_gb: Sequence[float] = DEFAULT_VRAM_GB, ctx: Sequence[int] = DEFAULT_CTX,

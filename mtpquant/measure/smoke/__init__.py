@@ -1,7 +1,9 @@
 """MTP smoke run: one GGUF in llama-server, speculation off vs draft-mtp at each k, prompt suite x seeds.
 
-Figures (per category and overall, each with a 95% bootstrap CI that resamples prompts, all seeds of a prompt
-together):
+Smoke method: the receipts' SmokeReceipt.VERSION (3: identical explicit placement for every server, all servers
+resident with the arms interleaved per request, full-length warm-up, best k chosen on half the prompts and reported
+on the other half, speed only from requests that ran to max_tokens, BCa CIs over prompts and none below 10, gates
+on the CI's lower bound at a fixed k). Figures (per category and overall):
   acceptance   = sum(draft_n_accepted) / sum(draft_n)   (a response without draft_n made 0 drafts)
   mean accepted length = sum(draft_n_accepted) / sum(verification steps)   (steps from /metrics deltas)
   tok/s        = mean of timings.predicted_per_second
@@ -13,7 +15,7 @@ run; context: the long-context sweep; run: one model; gates: the recipe's gates;
 
 from mtpquant.core.rundir import Artifact
 from mtpquant.measure.smoke.aggregate import mtp_group, summarize
-from mtpquant.measure.smoke.gates import check_gates, gates_for
+from mtpquant.measure.smoke.gates import check_gates, gate_report, gates_for
 from mtpquant.measure.smoke.requests import CHAT, WARMUP_TOKENS, build_requests, chat_body, send
 from mtpquant.measure.smoke.run import smoke_model, spec_json
 from mtpquant.measure.smoke.run_dir import run_spec, smoke_run
@@ -22,5 +24,5 @@ from mtpquant.measure.smoke.suite import Prompt, load_suite, select_prompts
 
 # What other layers and scripts/ use; Artifact and Prompt are the types smoke_run and smoke_model take.
 __all__ = ["CHAT", "WARMUP_TOKENS", "Artifact", "Prompt", "bootstrap_ci", "build_requests", "chat_body",
-           "check_gates", "figure", "gates_for", "load_suite", "mean", "mtp_group", "ratio_of_sums", "run_spec",
+           "check_gates", "figure", "gate_report", "gates_for", "load_suite", "mean", "mtp_group", "ratio_of_sums", "run_spec",
            "select_prompts", "send", "smoke_model", "smoke_run", "spec_json", "summarize"]

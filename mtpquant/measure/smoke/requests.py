@@ -113,4 +113,4 @@ def server_record(srv: LlamaServer, name: str, k: int | None) -> dict:
     """A started server as the receipt lists it: label, k, exact argv, log, which slots speculate, start-up time."""
     return {"label": name, "draft_n_max": k, "argv": srv.record_argv(), "log": srv.log_path.name,
             "slots_speculative": [bool(s.get("speculative")) for s in srv.slots_info],
-            "startup_seconds": srv.startup_seconds}
+            "startup_seconds": srv.startup_seconds, "loaded": srv.loaded}

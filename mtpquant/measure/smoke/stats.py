@@ -12,6 +12,7 @@ Stat = Callable[..., np.ndarray]
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20260529
 LEVEL = 0.95
+MIN_UNITS = 10  # fewer independent prompts than this: no interval is printed at all
 
 
 def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -50,9 +51,11 @@ def by_cluster(stat: Stat, arrays: Sequence[np.ndarray], clusters: Sequence) -> 
 
 def bootstrap_ci(stat: Stat, arrays: Sequence[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> tuple[float, float] | None:
-    """Percentile bootstrap CI of stat(*arrays), resampling the units (the last axis) jointly with replacement.
+    """BCa bootstrap CI of stat(*arrays), resampling the units (the last axis) jointly with replacement.
 
-    `stat` must accept arrays with a leading resample axis. None when no resample gives a finite value.
+    Bias-corrected and accelerated (the acceleration from the jackknife): it keeps its coverage for skewed
+    statistics such as ratios, where the plain percentile interval does not. `stat` must accept arrays with a
+    leading resample axis. None when no resample gives a finite value.
     """
     arrs = [np.asarray(a, dtype=float) for a in arrays]
     n = arrs[0].shape[-1]
@@ -63,22 +66,68 @@ def bootstrap_ci(stat: Stat, arrays: Sequence[np.ndarray], resamples: int = BOOT
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
-    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    theta = float(stat(*arrs))
+    if not math.isfinite(theta) or values.min() == values.max():
+        return float(values.min()), float(values.max())
+    z0 = _norm_ppf(min(max(np.mean(values < theta) + 0.5 * np.mean(values == theta), 1e-6), 1 - 1e-6))
+    jack = np.array([float(stat(*[np.delete(a, i, axis=-1) for a in arrs])) for i in range(n)]) if n > 1 else None
+    accel = 0.0
+    if jack is not None and np.all(np.isfinite(jack)):
+        d = jack.mean() - jack
+        den = 6.0 * float(np.sum(d ** 2)) ** 1.5
+        accel = float(np.sum(d ** 3)) / den if den > 0 else 0.0
+    qs = []
+    for alpha in ((1 - level) / 2, (1 + level) / 2):
+        z = _norm_ppf(alpha)
+        qs.append(100 * _norm_cdf(z0 + (z0 + z) / (1 - accel * (z0 + z))))
+    lo, hi = np.percentile(values, qs)
     return float(lo), float(hi)
 
 
-def figure(stat: Stat, arrays: Sequence[np.ndarray], digits: int = 4, clusters: Sequence | None = None) -> dict:
-    """{"value", "ci95"}: the statistic on all units and its bootstrap CI (None where undefined).
+def _norm_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _norm_ppf(p: float) -> float:
+    """Inverse of the standard normal CDF (bisection: exact enough for interval end points)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _norm_cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def figure(stat: Stat, arrays: Sequence[np.ndarray], digits: int = 4, clusters: Sequence | None = None,
+           min_units: int = MIN_UNITS) -> dict:
+    """{"value", "ci95", "n", "note"}: the statistic on all units and its bootstrap CI over the units.
 
     With `clusters` (the prompt of each unit) the bootstrap resamples whole clusters: at temperature 0 a prompt's
-    seeds are replicates, not independent draws, and treating them as such would narrow the CI.
+    seeds are replicates, not independent draws. `n` is the number of independent units (prompts); below
+    `min_units` there is no interval at all ("n too small for an interval"), and when every unit gives the same
+    value the note says so ("identical on all N prompts") instead of a zero-width interval passing for precision.
     """
     arrs = [np.asarray(a, dtype=float) for a in arrays]
     if arrs[0].size == 0:
-        return {"value": None, "ci95": None}
+        return {"value": None, "ci95": None, "n": 0, "note": "no units"}
+    units = by_cluster(stat, arrs, clusters) if clusters is not None else arrs
+    n = int(units[0].shape[-1])
     v = float(stat(*arrs))
-    ci = bootstrap_ci(stat, by_cluster(stat, arrs, clusters) if clusters is not None else arrs)
-    return {"value": rounded(v, digits), "ci95": [rounded(ci[0], digits), rounded(ci[1], digits)] if ci else None}
+    out = {"value": rounded(v, digits), "ci95": None, "n": n, "note": None}
+    if not math.isfinite(v):
+        out["note"] = "not defined"
+    elif n < min_units:
+        out["note"] = f"n too small for an interval: {n} prompts"
+    elif _all_equal(stat, units):
+        out["note"] = f"identical on all {n} prompts"
+    else:
+        ci = bootstrap_ci(stat, units)
+        out["ci95"] = [rounded(ci[0], digits), rounded(ci[1], digits)] if ci else None
+    return out
+
+
+def _all_equal(stat: Stat, units: Sequence[np.ndarray]) -> bool:
+    per_unit = [float(stat(*[u[..., i:i + 1] for u in units])) for i in range(units[0].shape[-1])]
+    return max(per_unit) - min(per_unit) == 0 if all(map(math.isfinite, per_unit)) else False
 
 
 def rounded(x: float | None, digits: int = 4) -> float | None:

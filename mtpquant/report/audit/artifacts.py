@@ -12,6 +12,21 @@ from mtpquant.core.receipts import PublishReceipt
 from mtpquant.modelfile.model import ModelInfo, read_model
 from mtpquant.report.audit.state import Audit, first_diff, need
 
+OUTSIDE_HINT = "only files of the run directory may leave the machine: put the file itself there, not a link"
+
+
+def check_inside(root: Path, path: Path) -> None:
+    """A listed file must be a file of the run directory: a symbolic link (of it or of a folder on its way) that
+    leads out of the run directory is refused in one line."""
+    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise VerifyError(f"{rel}: a symbolic link that does not resolve ({exc})", OUTSIDE_HINT) from None
+    if not real.is_relative_to(root.resolve()):
+        what = "a symbolic link to" if path.is_symlink() else "leads to"
+        raise VerifyError(f"{rel}: {what} {real}, outside the run directory", OUTSIDE_HINT)
+
 
 def check_sums(audit: Audit) -> dict[str, str]:
     """Every file SHA256SUMS lists, whole; or, in a published copy, its shards as receipts/publish.json lists them."""
@@ -39,6 +54,8 @@ def _files_to_hash(audit: Audit, sums: dict[str, str]) -> list[tuple[Path, str, 
         path = run.root / name
         entry = published.get(name) or {}
         shards = entry.get("shards") or []
+        for p in [path, *(run.root / sh["path"] for sh in shards)]:
+            check_inside(run.root, p)
         if path.is_file():
             todo.append((path, want, "SHA256SUMS"))
             audit.local[name] = path

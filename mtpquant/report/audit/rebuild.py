@@ -30,12 +30,22 @@ class RebuildResult:
     seconds: float
     same_toolchain: bool  # the recorded input key re-derives with this toolchain
     first_difference: str | None = None
+    toolchain_differences: tuple[str, ...] = ()  # what of this toolchain's identity differs from the recorded one
 
     def to_json(self) -> dict:
         """The result as JSON."""
         return {"variant": self.variant, "file": self.file, "bit_exact": self.bit_exact, "sha256": self.sha256,
                 "seconds": self.seconds, "same_toolchain": self.same_toolchain,
-                "first_difference": self.first_difference}
+                "first_difference": self.first_difference, "toolchain_differences": list(self.toolchain_differences)}
+
+    def line(self) -> str:
+        """What the rebuild showed, in one line: whether the bytes agree, and with which toolchain."""
+        verdict = f"bit-exact ({self.seconds:.1f} s)" if self.bit_exact else (
+            f"rebuilt sha256 {self.sha256}, first difference {self.first_difference}")
+        if not self.toolchain_differences:
+            return f"{self.file}: {verdict} with the recorded toolchain"
+        return (f"{self.file}: {verdict} with another toolchain than the recorded one: "
+                f"{'; '.join(self.toolchain_differences)}")
 
 
 def rebuild_run(run: RunDir, tc, source: Path | None = None, progress: ProgressFn = no_progress,
@@ -61,11 +71,37 @@ def rebuild_run(run: RunDir, tc, source: Path | None = None, progress: ProgressF
         progress("rebuild", len(quantize), len(quantize))
     bad = [r for r in results if not r.bit_exact]
     if bad:
-        why = "; ".join(f"{r.file}: rebuilt sha256 {r.sha256}, first difference {r.first_difference}"
-                        + ("" if r.same_toolchain else " (this toolchain is not the recorded one)") for r in bad)
-        raise VerifyError(f"rebuild differs: {why}",
+        raise VerifyError(f"rebuild differs: {' | '.join(r.line() for r in bad)}",
                           "with the recorded toolchain the bytes should be identical; check the toolchain and source")
     return results
+
+
+# What of a toolchain's identity the rebuild compares: (what to call it, how to read it from an identity).
+IDENTITY_PARTS = (
+    ("llama.cpp commit", lambda i: i.get("llama_cpp_commit")),
+    ("CMake flags", lambda i: i.get("cmake_flags")),
+    ("compiler", lambda i: i.get("compiler")),
+    ("CPU features", lambda i: (i.get("cpu") or {}).get("features") if i.get("cpu") else None),
+    ("llama-quantize sha256", lambda i: ((i.get("binaries") or {}).get("llama-quantize") or {}).get("sha256")),
+)
+
+
+def toolchain_differences(recorded: dict, current: dict) -> tuple[str, ...]:
+    """Each part of the toolchain identity (commit, flags, compiler, CPU features, llama-quantize's sha256) that
+    differs between the one a receipt records and this one: `<part>: <here> here, <recorded> recorded`, or for a
+    list the entries not in both, `<part>: only here: ..., only recorded: ...`."""
+    out = []
+    for name, read in IDENTITY_PARTS:
+        here, then = read(current), read(recorded)
+        if isinstance(here, list) and isinstance(then, list):
+            only = [(f"only {where}: ", [x for x in a if x not in b]) for where, a, b in
+                    (("here", here, then), ("recorded", then, here))]
+            if any(items for _, items in only):
+                out.append(f"{name}: " + ", ".join(w + " ".join(map(str, items)) for w, items in only if items))
+        elif here != then:
+            out.append(f"{name}: {'not known' if here is None else here} here, "
+                       + ("none recorded" if then is None else f"{then} recorded"))
+    return tuple(out)
 
 
 def _find_source(run: RunDir, src: dict, quantize: list[dict], explicit: Path | None) -> Path:
@@ -115,6 +151,7 @@ def _rebuild_one(run: RunDir, tc, tag: str, q: dict, source: Path, work: Path) -
     cwd = _lay_out(run, q, where, options, out_name, work)
     same = quantize_key(q["source_sha256"], q["type"], q["overrides"], q.get("imatrix_sha256"),
                         toolchain_key(tc)) == q.get("input_key")
+    differences = toolchain_differences(q.get("toolchain") or {}, _identity(tc))
     started = time.monotonic()
     run_tool([tc.tool("llama-quantize"), *options, source, out_name, q["type"], argv[-1]], cwd=cwd,
              log_path=work / f"rebuild-{tag}.log")
@@ -125,7 +162,17 @@ def _rebuild_one(run: RunDir, tc, tag: str, q: dict, source: Path, work: Path) -
     diff = None if sha == q["sha256"] else (_first_byte_difference(rebuilt, original) if original.is_file()
                                             else "unknown (the original is not here whole)")
     rebuilt.unlink(missing_ok=True)
-    return RebuildResult(tag, q["file"], sha == q["sha256"], sha, seconds, same, diff)
+    return RebuildResult(tag, q["file"], sha == q["sha256"], sha, seconds, same, diff, differences)
+
+
+def _identity(tc) -> dict:
+    """This toolchain's identity, with llama-quantize's sha256 taken from the file when the build did not record it
+    (a llama.cpp that mtpquant did not build)."""
+    ident = dict(tc.describe())
+    if not ((ident.get("binaries") or {}).get("llama-quantize") or {}).get("sha256"):
+        ident["binaries"] = {**(ident.get("binaries") or {}),
+                             "llama-quantize": {"sha256": sha256_file(tc.tool("llama-quantize"))}}
+    return ident
 
 
 def _lay_out(run: RunDir, q: dict, where: str, options: list[str], out_name: str, work: Path) -> Path:

@@ -10,6 +10,9 @@ from mtpquant.core.progress import ProgressFn, no_progress
 from mtpquant.core.rundir import RunDir
 from mtpquant.report.audit.artifacts import check_headers, check_quantize_receipts, check_sums
 from mtpquant.report.audit.card_check import check_card
+from mtpquant.report.audit.gates_check import check_gates
+from mtpquant.report.audit.head_check import check_head_studies
+from mtpquant.report.audit.manifest_check import check_manifest
 from mtpquant.report.audit.measurements import check_measurements
 from mtpquant.report.audit.rebuild import RebuildResult, rebuild_run
 from mtpquant.report.audit.state import Audit, load_receipts
@@ -30,7 +33,7 @@ class VerifyReport:
 
 
 def verify_run(run_dir: Path, rebuild: bool = False, toolchain=None, source: Path | None = None,
-               progress: ProgressFn | None = None) -> VerifyReport:
+               progress: ProgressFn | None = None, allow_failed_gates: bool = False) -> VerifyReport:
     """Check a run directory; return what held, or raise VerifyError naming the first file and value that differ."""
     progress = progress or no_progress
     root = Path(run_dir).resolve()
@@ -45,13 +48,16 @@ def verify_run(run_dir: Path, rebuild: bool = False, toolchain=None, source: Pat
         raise VerifyError("receipts/source.json is missing", "the run is incomplete; rerun `mtpquant build`")
     quantize = {n[len("quantize-"):-len(".json")]: r for n, r in receipts.items() if n.startswith("quantize-")}
     check_quantize_receipts(audit, sums, receipts, quantize)
+    check_manifest(audit, receipts, quantize)
     check_headers(audit, src, quantize)
     check_measurements(audit, receipts, quantize)
+    check_head_studies(audit, receipts, quantize)
     check_card(audit, receipts, src, quantize)
+    check_gates(audit, receipts, allow_failed_gates)
     rebuilt: tuple[RebuildResult, ...] = ()
     if rebuild:
         if toolchain is None:
             raise UsageError("--rebuild needs the llama.cpp toolchain", "pass --llama-cpp DIR or install it")
         rebuilt = tuple(rebuild_run(run, toolchain, source=source, progress=progress, receipts=receipts))
-        audit.checks += [f"rebuild {r.variant}: bit-exact ({r.seconds:.1f} s)" for r in rebuilt]
+        audit.checks += [f"rebuild {r.variant}: {r.line()}" for r in rebuilt]
     return VerifyReport(root, sums, tuple(audit.checks), tuple(audit.notes), rebuilt)

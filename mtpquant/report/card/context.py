@@ -10,10 +10,12 @@ from mtpquant.core.rundir import RunDir
 from mtpquant.report.card.caveats import caveats, not_measured
 from mtpquant.report.card.fit import fit_grid, fit_summary
 from mtpquant.report.card.frontmatter import front_matter
+from mtpquant.report.card.head import head_view
 from mtpquant.report.card.inputs import CARD_STEP, card_inputs
 from mtpquant.report.card.markdown import Md, md_text, shell_command
 from mtpquant.report.card.nodes import Node, load_receipts, receipt_sha256s
 from mtpquant.report.card.provenance import base_model, display_command, pinned_imatrix, published, toolchain_facts
+from mtpquant.report.card.runtimes import runtimes
 from mtpquant.report.card.smoke import claim, how_to_run, smoke_view, untested_run
 
 EH_PROJ_RE = re.compile(r"^blk\.\d+\.nextn\.eh_proj\.weight$")
@@ -45,9 +47,11 @@ def card_context(run: RunDir, inputs: dict | None = None) -> dict:
         "imatrix": imatrix, "variants": variants, "smoked": smoked,
         "evaluated": [v for v in variants if v["eval"] is not None],
         "fitted": [v for v in variants if v["fit"] is not None],
+        "studied": [v for v in variants if v["head"] is not None],
         "toolchain": toolchain,
         "claims": [claim(v) for v in smoked if v["smoke"].need("headline") is not None],
         "how_to_run": how_to_run(smoked[0]) if smoked else untested_run(variants[0], card),
+        "runtimes": runtimes(),
         "caveats": caveats(variants, source, toolchain),
         "not_measured": not_measured(variants),
         "receipts": listed,
@@ -97,6 +101,7 @@ def _variant(receipts: dict[str, Node], tag: str, source: Node) -> dict:
         "fit_summary": fit_summary(fit) if fit is not None else None,
         "fit_grid": fit_grid(fit) if fit is not None else None,
         "smoke_view": smoke_view(receipts[f"smoke-{tag}.json"]) if f"smoke-{tag}.json" in receipts else None,
+        "head": head_view(receipts[f"draft-head-{tag}.json"]) if f"draft-head-{tag}.json" in receipts else None,
     }
 
 

@@ -32,6 +32,7 @@ def smoke_view(s: Node) -> dict:
         "raw": None,
         "sweep": s.get("context_sweep"),
         "build": _build_line(s),
+        "drift": drift_line(s),
     }
     if "chat_vs_raw" in s:
         cvr = s["chat_vs_raw"]
@@ -40,15 +41,31 @@ def smoke_view(s: Node) -> dict:
 
 
 def _build_line(s: Node) -> Md:
-    """Which llama-server build and settings measured: what the receipt records, and that the machine is not."""
+    """Which llama-server build, settings and machine measured, as the receipt records them."""
     tc = toolchain_facts(s.need("toolchain"))
     settings = s.need("settings")
     commit = f"llama.cpp {md_code(tc['commit'])}" if tc["commit"] else "llama.cpp commit not recorded"
     kind = {None: "build flags not recorded", True: "CUDA build", False: "CPU-only build"}[tc["cuda"]]
     threads = settings.get("threads")
     ngl = settings.get("gpu_layers")
+    m = s.need("machine")
+    gpus = ", ".join(f"{md_text(g.get('name', '?'))} (driver {md_text(g.get('driver_version', '?'))}, power limit "
+                     f"{md_text(g.get('power.limit', '?'))}, SM clock {md_text(g.get('clocks.sm', '?'))} of "
+                     f"{md_text(g.get('clocks.max.sm', '?'))})" for g in m.get("gpus") or []) or "no GPU"
+    cuda = f", CUDA {md_text(m['cuda'])}" if m.get("cuda") else ""
+    placed = s.need("placement")
     return Md(f"{commit}, {kind}; threads {int(threads) if threads is not None else 'default'}, GPU layers "
-              f"{int(ngl) if ngl is not None else 'default'}; the machine itself is not recorded.")
+              f"{int(ngl) if ngl is not None else 'default'}, `-fit off`. Machine: {md_text(m.need('cpu'))}, "
+              f"{int(m.need('cores_usable'))} usable cores, {md_text(str(m.get('memory_gib')))} GiB; {gpus}{cuda}. "
+              f"Every arm placed the weights alike ({md_text(', '.join(placed.need('devices')))}"
+              f"{', ' + md_text(placed['offloaded']) + ' layers offloaded' if placed.get('offloaded') else ''}).")
+
+
+def drift_line(s: Node) -> Md:
+    """The drift each arm showed between its first and second half of requests (interleaved, so it cancels)."""
+    parts = [f"{md_text(arm)} {fmt_num(d['ratio'], '.2f')}×" for arm, d in s.need("drift").items() if d]
+    return Md("Second half over first half of each arm's decode speed (interleaved arms see the same drift): "
+              + ", ".join(parts) + ".") if parts else Md("No drift could be computed (too few timed requests).")
 
 
 def _server(s: Node, k) -> Node | None:
@@ -62,12 +79,17 @@ def claim(v: dict) -> Md:
     h = s.need("headline")
     settings = s.need("settings")
     suite = s.need("suite")
+    chosen = ("k chosen on the other half of the prompts" if h.need("chosen_on") == "selection prompts"
+              else "k chosen after the fact on these same prompts")
+    failed = [name for name, c in (s.get("gates") or {}).get("checks", {}).items() if not c.get("passed")]
+    gate = f" Gate FAILED: {md_text(', '.join(failed))} at k={int(s['gates']['k'])}." if failed else ""
     return Md(
         f"**{md_text(v['tag'])}**: MTP draft acceptance {fmt_fig(h.need('acceptance'), 'pct')}, decode speedup "
-        f"{fmt_fig(h.need('speedup'), 'x')} over the same llama-server without speculation "
-        f"(`--spec-type {SPEC_TYPE} --spec-draft-n-max {int(h.need('k'))}`; {int(h.need('units'))} prompt × seed "
-        f"units from {len(suite.need('selected'))} prompts of {md_code(_suite_name(suite))}, "
-        f"{md_code(h.need('endpoint'))}, greedy, {int(settings.need('max_tokens'))} tokens each).")
+        f"{fmt_fig(h.need('speedup'), 'x')}, end-to-end speedup {fmt_fig(h.need('e2e_speedup'), 'x')} over the same "
+        f"llama-server without speculation (`--spec-type {SPEC_TYPE} --spec-draft-n-max {int(h.need('k'))}`, "
+        f"{chosen}; {int(h.need('units'))} prompt × seed units from {int(h.need('prompts'))} of the "
+        f"{len(suite.need('selected'))} prompts of {md_code(_suite_name(suite))}, {md_code(h.need('endpoint'))}, "
+        f"greedy, {int(settings.need('max_tokens'))} tokens each).{gate}")
 
 
 def _suite_name(suite: Node) -> str:
@@ -88,9 +110,8 @@ def how_to_run(v: dict) -> dict:
     req = reqs[0]
     run = next((r for r in s.need("runs") if r.need("request") == req.need("id") and r.need("server") ==
                 server.need("label")), None)
-    argv = list(server.need("argv"))
-    port = argv[argv.index("--port") + 1] if "--port" in argv else "8080"
-    host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+    argv = user_argv(list(server.need("argv")))
+    port, host = "8080", "127.0.0.1"
     body = json.dumps(plain(req.need("body")), indent=2, ensure_ascii=False)
     return {
         "tested": True,
@@ -104,6 +125,23 @@ def how_to_run(v: dict) -> dict:
                                             "tok_s": fmt_num(run.need("timings.predicted_per_second"), ".1f")},
         "request_id": req.need("id"),
     }
+
+
+# What the smoke adds for its own bookkeeping, not for a user: its ephemeral port, metrics, verbose load log.
+SMOKE_ONLY = {"--metrics": 0, "--no-webui": 0, "-lv": 1}
+
+
+def user_argv(argv: list[str]) -> list[str]:
+    """The measured server command as a user would run it: the same model flags and placement, port 8080."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in SMOKE_ONLY:
+            i += 1 + SMOKE_ONLY[a]
+            continue
+        out.append("8080" if out and out[-1] == "--port" else a)
+        i += 1
+    return out
 
 
 def untested_run(v: dict, card: Node) -> dict:

@@ -75,6 +75,11 @@ class Hub:
                          library_version=__version__)
         self.sent = False  # whether a blob may have reached the hub (then a failure leaves no commit, not nothing)
 
+    @property
+    def has_token(self) -> bool:
+        """Whether a token was given or found (HF_TOKEN, the saved login); not whether the hub accepts it."""
+        return self._token is not None
+
     def check_token(self) -> None:
         """A token is there and the hub accepts it."""
         if self._token is None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from mtpquant.core.errors import UsageError, VerifyError
+from mtpquant.core.errors import GateError, UsageError, VerifyError
 from mtpquant.core.files import plain_json, write_text_atomic
 from mtpquant.core.progress import ProgressFn, no_progress
 from mtpquant.core.receipts import PublishReceipt
 from mtpquant.core.rundir import RunDir, locked
 from mtpquant.hub.client import settings
 from mtpquant.report import audit, card
+from mtpquant.report.audit.artifacts import check_inside
 from mtpquant.report.publish.hub import Hub, RemoteState, check_repo_id, quiet_hub
 from mtpquant.report.publish.plan import PlannedFile, receipt_body, repo_files
 from mtpquant.report.publish.remote import check_remote, mark_unchanged
@@ -19,6 +20,8 @@ from mtpquant.report.publish.report import PublishReport, record
 from mtpquant.report.publish.split import DEFAULT_SPLIT_MAX_SIZE, SPLIT_UNIT, artifact_files
 
 HUB_MADE = (".gitattributes",)  # written by the hub when it creates a repo
+DRY_RUN_NEEDS = ("a real run also needs a Hugging Face token that can write to {owner} (there is none here: set "
+                 "HF_TOKEN or run `hf auth login`); without one, a private {repo} would look absent here")
 
 
 def publish_run(run_dir: Path, repo: str, private: bool = False, dry_run: bool = False, token: str | None = None,
@@ -42,6 +45,8 @@ def publish_run(run_dir: Path, repo: str, private: bool = False, dry_run: bool =
             verified = audit.verify_run(root, progress=progress)
         except VerifyError as exc:
             raise VerifyError(f"not published: {exc.message}", exc.hint) from None
+        except GateError as exc:  # nothing gated out is published, not even as a dry run
+            raise GateError(f"not published: {exc.message}", exc.hint) from None
         hub = Hub(endpoint or cfg.endpoint, repo, token)
         with quiet_hub():
             return _publish(run, hub, verified.artifacts, private, dry_run, split_max_size, toolchain, progress)
@@ -49,14 +54,21 @@ def publish_run(run_dir: Path, repo: str, private: bool = False, dry_run: bool =
 
 def _publish(run: RunDir, hub: Hub, sums: dict[str, str], private: bool, dry_run: bool, limit: int, toolchain,
              progress: ProgressFn) -> PublishReport:
-    hub.check_token()
-    remote = hub.state()
+    # before the hub is asked anything or a file is written: the run's own files, none a link leading out of it
+    refuse_outside(run.root, [run.root / n for n in (*sums, "SHA256SUMS", "manifest.json", card.CARD_FILE)]
+                   + sorted(run.receipts.glob("*.json")))
     notes = []
+    if dry_run and not hub.has_token:  # a dry run uploads nothing, so it plans what it can without one
+        notes.append(DRY_RUN_NEEDS.format(owner=hub.owner, repo=hub.repo))
+    else:
+        hub.check_token()
+    remote = hub.state()
     if remote is not None and private and not remote.private:
         notes.append(f"{hub.repo} exists and is public: --private does not change an existing repo")
     artifacts, shards, made = artifact_files(run, sums, limit, dry_run, toolchain, progress)
     pending = _update_receipt(run, hub.repo, limit, artifacts, shards, write=not dry_run and not made) or made
     files = tuple(mark_unchanged(f, remote) for f in repo_files(run, artifacts, shards, pending=pending))
+    refuse_outside(run.root, [f.local for f in files if f.local is not None])  # shards and tensor-type files too
     extra = sorted(set(remote.files) - {f.path for f in files} - set(HUB_MADE)) if remote else []
     if extra:
         notes.append(f"on the hub but not part of this run (left as they are): {', '.join(extra)}")
@@ -71,6 +83,16 @@ def _publish(run: RunDir, hub: Hub, sums: dict[str, str], private: bool, dry_run
                            shard_paths, commit, checked, tuple(notes))
     record(run, report)
     return report
+
+
+def refuse_outside(root: Path, paths: list[Path]) -> None:
+    """Refuse, before anything is sent, a file to publish that is a link leading out of the run directory."""
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            try:
+                check_inside(root, path)
+            except VerifyError as exc:
+                raise VerifyError(f"not published: {exc.message}", exc.hint) from None
 
 
 def _update_receipt(run: RunDir, repo: str, limit: int, artifacts: list[PlannedFile],

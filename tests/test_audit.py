@@ -126,14 +126,13 @@ def test_card_older_than_a_receipt_fails(copy):
 
 def test_receipt_figure_that_its_runs_do_not_give_fails(copy):
     s = receipt(copy, "smoke-Q4_K_M.json")
-    recorded = s["headline"]["acceptance"]["value"]
+    recorded = dict(s["headline"]["acceptance"])
     s["headline"]["acceptance"]["value"] = 0.99
     put_receipt(copy, "smoke-Q4_K_M.json", s)
     cardmod.write_card(copy)  # a card rendered from the edited receipt agrees with it; the runs do not
     assert verify_error(copy) == (f"receipts/smoke-Q4_K_M.json: headline.acceptance is "
-                                  f"{json.dumps({'value': 0.99, 'ci95': s['headline']['acceptance']['ci95']})}, "
-                                  f"its own runs give "
-                                  f"{json.dumps({'value': recorded, 'ci95': s['headline']['acceptance']['ci95']})}")
+                                  f"{json.dumps({**recorded, 'value': 0.99})}, its own runs give "
+                                  f"{json.dumps(recorded)}")
 
 
 def test_stale_measurement_fails(copy):
@@ -232,3 +231,131 @@ def test_published_copy_with_split_file_verifies_through_its_shards(copy, toolch
     assert f"{len(shards)} shard(s) of 1 split file(s) match receipts/publish.json" in report.checks
     flip_byte(shards[-1], 100)
     assert verify_error(copy).startswith(f"split/{shards[-1].name}: sha256 is ")
+
+
+# ----------------------------------------------------------------------------------------------- manifest.json
+
+MANIFEST_HINT = " (manifest.json and the receipts are not of the same build; rebuild the run (mtpquant build))"
+
+
+@pytest.fixture
+def unmeasured(copy) -> RunDir:
+    """A copy without its smoke receipt (the card rendered again): what these tests check is not the smoke's."""
+    for p in copy.receipts.glob("smoke-*.json"):
+        p.unlink()
+    cardmod.write_card(copy)
+    return copy
+
+
+def edit_manifest(run: RunDir, change) -> dict:
+    data = json.loads(run.manifest_path.read_text())
+    change(data)
+    run.manifest_path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+def test_verify_holds_the_manifest_against_the_receipts(unmeasured):
+    steps = json.loads(unmeasured.manifest_path.read_text())["steps"]
+    assert (f"manifest.json agrees with the receipts ({len(steps)} step(s): name, source, files, sha256s)"
+            in verify_run(unmeasured.root).checks)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["steps"]["quantize:Q4_K_M"].update(sha256="0" * 64),
+     lambda r: f'manifest.json: steps.quantize:Q4_K_M.sha256 is "{"0" * 64}", receipts/quantize-Q4_K_M.json says '
+               f'"{r["quantize-Q4_K_M.json"]["sha256"]}"'),
+    (lambda m: m["steps"]["quantize:Q8_0"].update(file="card-test-Q8_0-old.gguf"),
+     lambda r: 'manifest.json: steps.quantize:Q8_0.file is "card-test-Q8_0-old.gguf", receipts/quantize-Q8_0.json '
+               'says "card-test-Q8_0.gguf"'),
+    (lambda m: m["steps"].pop("quantize:Q8_0"),
+     lambda r: "manifest.json: steps has no quantize:Q8_0, but receipts/quantize-Q8_0.json is there"),
+    (lambda m: m["steps"].update({"quantize:IQ2_XS": {"file": "card-test-IQ2_XS.gguf", "sha256": "1" * 64}}),
+     lambda r: "manifest.json: steps.quantize:IQ2_XS has no receipt (receipts/quantize-IQ2_XS.json is missing)"),
+    (lambda m: m["steps"]["imatrix"].update(sha256="2" * 64),
+     lambda r: f'manifest.json: steps.imatrix.sha256 is "{"2" * 64}", receipts/imatrix.json says '
+               f'"{r["imatrix.json"]["sha256"]}"'),
+    (lambda m: m["steps"].update(imatrix=None),
+     lambda r: "manifest.json: steps.imatrix is null, but the variants were quantized with an imatrix"),
+    (lambda m: m["steps"]["fit:Q8_0"].update(receipt="receipts/fit-Q4_K_M.json"),
+     lambda r: 'manifest.json: steps.fit:Q8_0.receipt is "receipts/fit-Q4_K_M.json", the step\'s receipt is '
+               "receipts/fit-Q8_0.json"),
+    (lambda m: m["source"].update(sha256="3" * 64),
+     lambda r: f'manifest.json: source.sha256 is "{"3" * 64}", receipts/source.json says '
+               f'"{r["source.json"]["sha256"]}"'),
+    (lambda m: m.update(name="another-run"),
+     lambda r: 'manifest.json: name is "another-run", receipts/card.json says "card-test"'),
+    (lambda m: m.pop("steps"), lambda r: "manifest.json: no 'steps' object"),
+], ids=["sha256", "file", "variant-missing", "variant-extra", "imatrix", "imatrix-null", "receipt", "source",
+        "name", "no-steps"])
+def test_a_manifest_that_disagrees_with_the_receipts_is_one_line(unmeasured, change, message):
+    receipts = {p.name: json.loads(p.read_text()) for p in unmeasured.receipts.glob("*.json")}
+    edit_manifest(unmeasured, change)
+    with pytest.raises(VerifyError) as ei:
+        verify_run(unmeasured.root)
+    assert ei.value.one_line() == message(receipts) + MANIFEST_HINT
+    res = CliRunner().invoke(main, ["verify", str(unmeasured.root)])
+    assert (res.exit_code, res.stdout, res.stderr) == (1, "", f"error: {message(receipts)}{MANIFEST_HINT}\n")
+
+
+def test_a_missing_manifest_fails_and_a_removed_measurement_is_a_note(unmeasured):
+    (unmeasured.receipts / "fit-Q8_0.json").unlink()
+    cardmod.write_card(unmeasured)  # the card no longer lists it; the manifest still does
+    assert ("manifest.json: steps.fit:Q8_0 names receipts/fit-Q8_0.json, not in this run (measured at build time, "
+            "removed since)") in verify_run(unmeasured.root).notes
+    unmeasured.manifest_path.unlink()
+    with pytest.raises(VerifyError) as ei:
+        verify_run(unmeasured.root)
+    assert ei.value.one_line() == "manifest.json: missing (the run is incomplete; rerun `mtpquant build`)"
+
+
+# ----------------------------------------------------------------------------------------------- links out of the run
+
+def test_a_listed_file_linking_out_of_the_run_is_refused(unmeasured, tmp_path):
+    name = receipt(unmeasured, "quantize-Q4_K_M.json")["file"]
+    elsewhere = tmp_path / "elsewhere" / name
+    elsewhere.parent.mkdir()
+    os.replace(unmeasured.root / name, elsewhere)
+    (unmeasured.root / name).symlink_to(elsewhere)
+    with pytest.raises(VerifyError) as ei:
+        verify_run(unmeasured.root)
+    assert ei.value.one_line() == (f"{name}: a symbolic link to {elsewhere}, outside the run directory (only files of "
+                                   "the run directory may leave the machine: put the file itself there, not a link)")
+    # a link that stays inside the run directory is a file of it
+    (unmeasured.root / name).unlink()
+    (unmeasured.root / "store").mkdir()
+    os.replace(elsewhere, unmeasured.root / "store" / name)
+    (unmeasured.root / name).symlink_to(Path("store") / name)
+    assert verify_run(unmeasured.root).artifacts[name] == receipt(unmeasured, "quantize-Q4_K_M.json")["sha256"]
+
+
+# ----------------------------------------------------------------------------------------------- rebuild's toolchain
+
+def test_rebuild_names_what_of_the_toolchain_differs_and_that_the_bytes_agree(unmeasured, toolchain):
+    here = toolchain.describe()
+    q = receipt(unmeasured, "quantize-Q8_0.json")
+    recorded = q["toolchain"]
+    recorded["llama_cpp_commit"] = "0123456"
+    recorded["cmake_flags"] = [f.replace("-DGGML_NATIVE=OFF", "-DGGML_NATIVE=ON") for f in recorded["cmake_flags"]]
+    recorded["compiler"] = "clang version 17.0.6"
+    recorded["cpu"]["features"] = [*recorded["cpu"]["features"], "avx512f"]
+    recorded["binaries"]["llama-quantize"]["sha256"] = "f" * 64
+    put_receipt(unmeasured, "quantize-Q8_0.json", q)
+    cardmod.write_card(unmeasured)  # the card lists every receipt's sha256
+    report = verify_run(unmeasured.root, rebuild=True, toolchain=toolchain)
+    by_variant = {r.variant: r for r in report.rebuilt}
+    assert by_variant["Q8_0"].bit_exact and by_variant["Q4_K_M"].bit_exact
+    assert by_variant["Q4_K_M"].toolchain_differences == ()
+    assert by_variant["Q8_0"].toolchain_differences == (
+        f"llama.cpp commit: {here['llama_cpp_commit']} here, 0123456 recorded",
+        "CMake flags: only here: -DGGML_NATIVE=OFF, only recorded: -DGGML_NATIVE=ON",
+        f"compiler: {here['compiler']} here, clang version 17.0.6 recorded",
+        "CPU features: only recorded: avx512f",
+        f"llama-quantize sha256: {here['binaries']['llama-quantize']['sha256']} here, {'f' * 64} recorded",
+    )
+    r8, r4 = by_variant["Q8_0"], by_variant["Q4_K_M"]
+    assert f"rebuild Q4_K_M: {q['file'].replace('Q8_0', 'Q4_K_M')}: bit-exact ({r4.seconds:.1f} s) with the " \
+           "recorded toolchain" in report.checks
+    assert (f"rebuild Q8_0: {q['file']}: bit-exact ({r8.seconds:.1f} s) with another toolchain than the recorded one: "
+            + "; ".join(r8.toolchain_differences)) in report.checks
+    assert report.to_json()["rebuild"][[r.variant for r in report.rebuilt].index("Q8_0")][
+        "toolchain_differences"] == list(r8.toolchain_differences)

@@ -266,6 +266,29 @@ def test_real_model_recipes_plan_against_a_stand_in(tmp_path, toolchain, name, v
     assert not list((tmp_path / "out").glob("*.gguf"))
 
 
+@pytest.mark.parametrize("name, variants", [("hifi-q4km-27b.yaml", ["Q4_K_M"]),
+                                            ("ladder-27b-12-32gb.yaml", ["IQ3_XXS", "IQ4_XS", "Q4_K_M", "Q5_K_M"])])
+def test_dense_27b_recipes_plan_against_a_stand_in(tmp_path, toolchain, name, variants):
+    r = rcp.load(REPO / "recipes" / name)
+    assert r.source.kind == "hf" and r.expect.shape == "qwen3.6-27b"
+    plan = pipeline.make_plan(r, tmp_path / "out", toolchain, use_stand_in=True)
+    info = plan.source.info
+    assert (info.arch, info.n_layer, info.nextn.blocks) == ("qwen35", 64, (64,))
+    assert [v.variant.tag for v in plan.variants] == variants
+    # every 4th layer attends (11 tensors: norms, q/k/v/output, q/k norms, dense FFN), the other 48 are linear
+    # attention (14: norms, qkv, gate, 7 ssm tensors, dense FFN); the NextN block is a full-attention layer plus its
+    # 4 nextn tensors; token_embd, output_norm, output
+    attends = {b for b in range(64) if (b + 1) % 4 == 0}
+    for v in plan.variants:
+        types = v.types()
+        assert types["blk.64.nextn.eh_proj.weight"] == "Q8_0" and v.pins == ()
+        assert len(v.tensors) == 16 * 11 + 48 * 14 + (11 + 4) + 3
+        assert {int(t.name.split(".")[1]) for t in v.tensors if t.name.endswith(".attn_q.weight")} == attends | {64}
+        assert not any("_exps" in t.name for t in v.tensors)  # dense: no experts
+    sizes = [v.total_bytes for v in plan.variants]
+    assert sizes == sorted(sizes) and not list((tmp_path / "out").glob("*.gguf"))
+
+
 def test_stand_in_needs_a_shape(tmp_path, tiny, toolchain):
     r = write_recipe(tmp_path, base_recipe(tiny, "[{type: Q4_K_M}]"))
     with pytest.raises(UsageError) as ei:

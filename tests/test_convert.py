@@ -140,7 +140,7 @@ def test_the_converter_environment_is_made_once_and_leaves_the_users_alone(tmp_p
     assert (ident["key"], ident["python"], ident["requirements"]) == (key, platform.python_version(), ["tqdm"])
     installed = subprocess.run([env.python, "-c", "import tqdm; print(tqdm.__version__)"], capture_output=True,
                                text=True, check=True).stdout.strip()
-    assert ident["packages"]["tqdm"] == installed
+    assert ident["packages"]["tqdm"] == installed and "mtpquant" not in ident["packages"]
     assert pip_list() == before
     # once made, it is used as it is: no progress, no pip
     events.clear()
@@ -219,7 +219,7 @@ def test_safetensors_convert_keeping_nextn_then_quantize_and_verify(tmp_path, hu
     info = read_model(variant.path)
     assert info.nextn.complete and info.file_type_name == "Q4_K_M"
     assert {t.name: t.type for t in info.tensors}["blk.2.nextn.eh_proj.weight"] == "Q8_0"
-    receipt = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())
+    receipt = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())["provenance"]
     assert receipt["format"] == "safetensors" and receipt["commit"] == hub.load(REPO)["branches"]["main"]
     assert {f["name"] for f in receipt["hf_files"]} == {"README.md", "config.json", "model.safetensors",
                                                         "tokenizer.json", "tokenizer_config.json"}
@@ -231,13 +231,14 @@ def test_safetensors_convert_keeping_nextn_then_quantize_and_verify(tmp_path, hu
     assert (env["key"], env["python"], env["requirements"]) == (convert.environment_key(), platform.python_version(),
                                                                 list(convert.REQUIREMENTS))
     assert env["packages"]["torch"].startswith("2.13.0") and env["packages"]["transformers"] == "5.23.0"
+    assert "mtpquant" not in env["packages"]  # the environment is the converter's alone
     command = (tmp_path / "out" / "logs" / "convert.log").read_text().splitlines()[0]
     env_python = (cache / "converter-env").resolve() / env["key"] / "bin" / "python"
     assert command.startswith(f"$ {env_python} -u ") and "--no-mtp" not in command
     assert any(label == "convert tiny-mtp" for label, _, _ in events)
     # a second build converts nothing and quantizes nothing
     again = pipeline.build(recipe, tmp_path / "out", toolchain)
-    reused = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())["conversion"]
+    reused = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())["provenance"]["conversion"]
     assert reused["reused"] is True and reused["environment"] == env
     assert again.variants[0].skipped and again.plan.source.path == source.path
 

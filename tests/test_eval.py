@@ -40,12 +40,13 @@ def test_kld_and_ppl_of_a_q4_k_m_variant(tiny_pair, base, toolchain, tmp_path):
                         tmp_path / "eval.log")
     assert r["file"] == "tiny-Q4_K_M.gguf" and r["source"] == "tiny-BF16.gguf"
     assert r["text"] == {"file": "wiki-style-v1.txt", "sha256": sha256_file(ev.default_text())}
-    assert (r["ctx"], r["batch"], r["chunks"], r["chunks_evaluated"]) == (CTX, CTX, CHUNKS, CHUNKS)
-    assert 0 < r["kld_mean"] < 1 and 0 < r["kld_mean_err"] < r["kld_mean"]
-    assert r["kld_median"] <= r["kld_p99"] <= r["kld_max"]
-    assert r["ppl_base"] > 1 and r["ppl_q"] > 1
-    assert r["ppl_ratio"] == pytest.approx(r["ppl_q"] / r["ppl_base"], rel=1e-4)
-    assert 0 < r["same_top_share"] <= 1 and r["same_top_share_err"] > 0
+    st = r["stats"]
+    assert (r["ctx"], r["batch"], r["chunks"], st["chunks_evaluated"]) == (CTX, CTX, CHUNKS, CHUNKS)
+    assert 0 < st["kld_mean"] < 1 and 0 < st["kld_mean_err"] < st["kld_mean"]
+    assert st["kld_median"] <= st["kld_p99"] <= st["kld_max"]
+    assert st["ppl_base"] > 1 and st["ppl_q"] > 1
+    assert st["ppl_ratio"] == pytest.approx(st["ppl_q"] / st["ppl_base"], rel=1e-4)
+    assert 0 < st["same_top_share"] <= 1 and st["same_top_share_err"] > 0
     assert r["commands"]["variant"] == ["llama-perplexity", "-m", str(tiny_pair["Q4_K_M"]), "-f", str(ev.default_text()),
                                         "-c", "128", "-b", "128", "--chunks", "4", "--kl-divergence-base",
                                         str(base.path), "--kl-divergence"]
@@ -163,5 +164,5 @@ def test_cli_eval_of_a_single_gguf(tiny_pair, llama_env, tmp_path):
                                     "--chunks", "4", "--json"], env=env)
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
-    assert data["chunks_evaluated"] == 4 and data["kld_mean"] > 0
+    assert data["stats"]["chunks_evaluated"] == 4 and data["stats"]["kld_mean"] > 0
     assert os.path.isfile(tmp_path / "cache" / "eval" / "tiny-Q4_K_M.log")

@@ -29,7 +29,8 @@ MD = MarkdownIt("commonmark").enable(["table", "strikethrough"])
 BREAKS = {"CR": "\r", "CRLF": "\r\n", "LF": "\n", "NEL": "\x85", "LS": "\u2028", "PS": "\u2029"}
 HOSTILE = [
     "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "<!-- open comment", "<div>\n\nblock</div>",
-    "<http://example.com/autolink>", "&lt;entity&gt; &amp; &#60;", "[link](javascript:alert(1))", "![i](http://x/i.png)",
+    "<http://example.com/autolink>", "&lt;entity&gt; &amp; &#60;", "[link](javascript:alert(1))",
+    "![i](http://x/i.png)",
     "*em* _u_ **strong** ~~del~~ __init__", "`tick` ``two`` ```", "~~~", "| a | b |", "back\\slash \\| pipe\\",
     "# heading", "1. ordered", "7) ordered", "- bullet", "+ plus", "> quote", "===", "---", "    indented code",
     "\tTab", "trailing backslash \\", "a\x0bb\x0cc\x1cd\x1de\x1ef",
@@ -161,7 +162,7 @@ def windows_run(tmp_path_factory, toolchain) -> RunDir:
 
 
 HOSTILE_TEMPLATE = "\n".join(HOSTILE) + "\r\n{{ '</details>' }}\r```\r\n"
-HOSTILE_CORPUS = "corpus <b>x</b> | `tick` # [l](u) *e*.txt"
+HOSTILE_CORPUS = "corpus <b>x | `tick` # [l](u) *e* &amp;.txt"
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def rewritten(src: Path, dst: Path, kv: dict[str, bytes] | None = None, blk: tup
 
 # ----------------------------------------------------------------------------------------------- fuzz
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_poked_header_fields_read_or_fail_in_one_line(src, tmp_path, seed):
     """Each kind of integer field of the header (counts, key/string/name lengths, value and array types, array
     counts, n_dims, dimensions, tensor types, offsets), a few of each, set to values at and past every width."""

@@ -70,6 +70,12 @@ def make_recipe(tmp_path: Path, hf: dict, **extra) -> rc.Recipe:
     return rc.load(path)
 
 
+def source_json(run: Path) -> dict:
+    """receipts/source.json with its provider's provenance fields beside the common ones, for assertions."""
+    data = json.loads((run / "receipts" / "source.json").read_text())
+    return {**data.pop("provenance"), **data}
+
+
 def prepare(recipe: rc.Recipe, out: Path, progress=None) -> SourceModel:
     run = RunDir(out)
     run.ensure()
@@ -93,7 +99,7 @@ def api_calls(server: HubServer) -> list[str]:
 def test_branch_resolves_to_commit_and_the_receipt_names_every_sha256(tmp_path, hub, synthetic):
     commit = publish_gguf(hub, synthetic)
     model = prepare(gguf_recipe(tmp_path), tmp_path / "run")
-    receipt = json.loads((tmp_path / "run" / "receipts" / "source.json").read_text())
+    receipt = source_json(tmp_path / "run")
     names = [f"BF16/{p.name}" for p in synthetic["shards"]]
     assert (receipt["repo"], receipt["revision"], receipt["commit"], receipt["endpoint"]) == (REPO, "main", commit,
                                                                                               hub.url)
@@ -115,7 +121,7 @@ def test_tag_or_full_sha_pins_that_commit_not_the_branch_head(tmp_path, hub, syn
     hub.commit(REPO, {"README.md": b"# moved on\n"})
     rev = first if revision == "full-sha" else revision
     prepare(gguf_recipe(tmp_path, rev), tmp_path / "run")
-    receipt = json.loads((tmp_path / "run" / "receipts" / "source.json").read_text())
+    receipt = source_json(tmp_path / "run")
     assert (receipt["revision"], receipt["commit"]) == (rev, first)
 
 
@@ -126,11 +132,11 @@ def test_a_run_keeps_its_recorded_commit_when_the_branch_moves(tmp_path, hub, sy
     second = hub.commit(REPO, {"README.md": b"# a newer card\n"})
     calls = len(api_calls(hub))
     prepare(recipe, tmp_path / "run")
-    receipt = json.loads((tmp_path / "run" / "receipts" / "source.json").read_text())
+    receipt = source_json(tmp_path / "run")
     assert (receipt["commit"], receipt["commit_from_receipt"]) == (first, True)
     assert len(api_calls(hub)) == calls  # resolved once: the re-run asked the hub nothing
     prepare(recipe, tmp_path / "fresh-run")
-    assert json.loads((tmp_path / "fresh-run" / "receipts" / "source.json").read_text())["commit"] == second
+    assert source_json(tmp_path / "fresh-run")["commit"] == second
 
 
 @pytest.mark.parametrize("offline", [False, True], ids=["endpoint-down", "HF_HUB_OFFLINE"])
@@ -143,7 +149,7 @@ def test_rerun_uses_the_cache_with_the_endpoint_stopped(tmp_path, hub, synthetic
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     again = prepare(recipe, tmp_path / "run")
     assert again.path == first.path and again.files == first.files
-    assert json.loads((tmp_path / "run" / "receipts" / "source.json").read_text())["commit"] == commit
+    assert source_json(tmp_path / "run")["commit"] == commit
 
 
 def test_a_recorded_commit_missing_from_the_cache_needs_the_hub(tmp_path, hub, synthetic, monkeypatch):
@@ -409,7 +415,7 @@ def test_build_end_to_end_from_the_loopback_hub(tmp_path, hub, synthetic, toolch
     commit = publish_gguf(hub, synthetic)
     recipe = rc.load(TESTS / "recipes" / "hf-loopback.yaml")
     result = pipeline.build(recipe, tmp_path / "out", toolchain)
-    receipt = json.loads((tmp_path / "out" / "receipts" / "source.json").read_text())
+    receipt = source_json(tmp_path / "out")
     assert (receipt["kind"], receipt["repo"], receipt["revision"], receipt["commit"]) == ("hf", REPO, "main", commit)
     assert {f["name"]: f["sha256"] for f in receipt["hf_files"]} == {f"BF16/{p.name}": sha256(p)
                                                                      for p in synthetic["shards"]}

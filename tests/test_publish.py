@@ -444,3 +444,50 @@ def test_token_never_appears_in_output_logs_or_files(run, hub, monkeypatch, capl
         if p.is_file():
             assert TOKEN.encode() not in p.read_bytes(), p
     assert writes(hub)  # the token was used: the hub accepted the uploads
+
+
+# ----------------------------------------------------------------------------------------------- no token, links out
+
+NEEDS_TOKEN = ("a real run also needs a Hugging Face token that can write to mtpquant-test (there is none here: set "
+               f"HF_TOKEN or run `hf auth login`); without one, a private {REPO} would look absent here")
+
+
+def test_dry_run_needs_no_token_and_says_what_a_real_run_needs(run, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    before = snapshot(run.root)
+    result = CliRunner().invoke(main, ["publish", str(run.root), "--repo", REPO, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[:2] == ["dry run: nothing is uploaded and nothing is created",
+                         f"repo {REPO} on {hub.url}: would be created"]
+    assert f"note: {NEEDS_TOKEN}" in lines
+    assert lines[-1].startswith(f"{len(expected_paths(run)) + 1} file(s) (")
+    assert snapshot(run.root) == before and writes(hub) == [] and hub.load(REPO) is None
+    assert not [p for _, p in hub.requests if p.startswith("/api/whoami")]
+    with pytest.raises(PublishError) as ei:  # a real run does need one
+        pub.publish_run(run.root, REPO)
+    assert ei.value.message.startswith("no Hugging Face token: ")
+    # a public repo reads without a token: the dry run sees what it already holds
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    pub.publish_run(run.root, REPO)
+    monkeypatch.delenv("HF_TOKEN")
+    report = pub.publish_run(run.root, REPO, dry_run=True)
+    assert report.repo_existed and report.uploaded == () and report.notes == (NEEDS_TOKEN,)
+
+
+@pytest.mark.parametrize("name", ["card-test-Q4_K_M.gguf", "receipts/card.json", "README.md"])
+def test_a_file_linking_out_of_the_run_is_not_published(run, hub, tmp_path, name):
+    elsewhere = tmp_path / "elsewhere" / Path(name).name
+    elsewhere.parent.mkdir()
+    shutil.move(run.root / name, elsewhere)
+    (run.root / name).symlink_to(elsewhere)
+    before = snapshot(run.root)
+    message = (f"not published: {name}: a symbolic link to {elsewhere}, outside the run directory (only files of the "
+               "run directory may leave the machine: put the file itself there, not a link)")
+    for dry_run in (True, False):
+        with pytest.raises(VerifyError) as ei:
+            pub.publish_run(run.root, REPO, dry_run=dry_run)
+        assert ei.value.one_line() == message
+    result = CliRunner().invoke(main, ["publish", str(run.root), "--repo", REPO])
+    assert (result.exit_code, result.output) == (1, f"error: {message}\n")
+    assert hub.requests == [] and hub.load(REPO) is None and snapshot(run.root) == before

@@ -1,5 +1,6 @@
 """Recipe validation: YAML snippet -> recipe or the exact lines a user sees."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,72 @@ def test_shipped_recipes_validate(name):
     r = rcp.load(REPO / "recipes" / name)
     assert r.variants
     assert any(rule.block == "nextn" for rule in r.policy)
+
+
+# ----------------------------------------------------------------------------------------------- hostile recipes
+
+HOSTILE_BASE = "name: t\nsource: {synthetic: {}}\nvariants: [{type: Q4_K_M}]\n"
+
+
+@pytest.mark.parametrize("snippet, expected", [
+    ("name: t\nname: u\nsource: {synthetic: {}}\nvariants: [{type: Q4_K_M}]\n",
+     ["line 2, column 1: invalid YAML: duplicate key 'name'"]),
+    ("name: t\nsource: {synthetic: {}, synthetic: {seed: 1}}\nvariants: [{type: Q4_K_M}]\n",
+     ["line 2, column 25: invalid YAML: duplicate key 'synthetic'"]),
+    (HOSTILE_BASE + "smoke: {gate: {min_speedup: .nan}}\n",
+     ["smoke.gate.min_speedup: nan is not a finite number (YAML reads .nan and .inf as numbers: give a value)"]),
+    (HOSTILE_BASE + "smoke: {gate: {min_acceptance: -.inf}}\n",
+     ["smoke.gate.min_acceptance: -inf is not a finite number (YAML reads .nan and .inf as numbers: give a value)"]),
+    (HOSTILE_BASE + "policy: [{match: '(a+)+$', type: Q8_0}]\n",
+     ["policy[0].match: regular expression '(a+)+$' repeats a repetition, which can take exponential time (write it "
+      "without a quantified group that itself holds a quantifier, e.g. (a+)+ -> a+)"]),
+    (HOSTILE_BASE + "policy: [{match: '(blk|blk\\.)*x', type: Q8_0}]\n",
+     ["policy[0].match: regular expression '(blk|blk\\\\.)*x' repeats alternatives that can match the same text, "
+      "which can take exponential time (inside a repeated group, start each alternative with a different letter, "
+      "e.g. (a|ab)* -> (ab?)*)"]),
+    (HOSTILE_BASE + "card: {title: \"a\\tb\"}\n",
+     ["card.title: has a line break or control character ('\\t' at position 1) (write the value on one line, "
+      "without control characters)"]),
+    (HOSTILE_BASE + "card: {license: \"mit\\r\\n<b>\"}\n",
+     ["card.license: has a line break or control character ('\\r' at position 3) (write the value on one line, "
+      "without control characters)"]),
+    (HOSTILE_BASE + "card: {quantized_by: \"me\\u2028# x\", title: \"x\\N\"}\n",
+     ["card.quantized_by: has a line break or control character ('\\u2028' at position 2) (write the value on one "
+      "line, without control characters)",
+      "card.title: has a line break or control character ('\\x85' at position 1) (write the value on one line, "
+      "without control characters)"]),
+])
+def test_hostile_recipe_values(tmp_path, snippet, expected):
+    assert problems(tmp_path, snippet) == expected
+
+
+def test_paths_that_are_not_regular_files(tmp_path):
+    """A folder, a FIFO and a device where files are expected: one line each, and no FIFO is opened (no hang)."""
+    os.mkfifo(tmp_path / "corpus.txt")
+    (tmp_path / "model.gguf").mkdir()
+    got = problems(tmp_path, "name: t\nsource: {path: model.gguf}\nvariants: [{type: Q4_K_M}]\n"
+                             "imatrix: {compute: {corpus: corpus.txt}}\neval: {text: /dev/zero}\n")
+    assert got == [f"source.path: {tmp_path}/model.gguf is a directory, not a regular file (give a file)",
+                   f"imatrix.compute.corpus: {tmp_path}/corpus.txt is a FIFO (named pipe), not a regular file "
+                   "(give a file)",
+                   "eval.text: /dev/zero is a character device, not a regular file (give a file)"]
+
+
+def test_corpus_and_eval_text_must_be_utf8(tmp_path):
+    (tmp_path / "corpus.txt").write_bytes("déjà vu ".encode() * 100 + b"\xff tail")
+    (tmp_path / "eval.txt").write_bytes("ok\n".encode("utf-16"))
+    got = problems(tmp_path, HOSTILE_BASE + "imatrix: {compute: {corpus: corpus.txt}}\neval: {text: eval.txt}\n")
+    assert got == [f"imatrix.compute.corpus: {tmp_path}/corpus.txt: not UTF-8 (byte 1000) (save it as UTF-8 text)",
+                   f"eval.text: {tmp_path}/eval.txt: not UTF-8 (byte 0) (save it as UTF-8 text)"]
+
+
+def test_recipe_that_is_a_fifo_or_not_utf8(tmp_path):
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(UsageError) as ei:
+        rcp.load(tmp_path / "fifo.yaml")
+    assert ei.value.one_line() == (f"{tmp_path / 'fifo.yaml'}: not a regular file (give the path of a .yaml "
+                                   "recipe, e.g. recipes/demo-tiny.yaml)")
+    (tmp_path / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(UsageError) as ei:
+        rcp.load(tmp_path / "latin1.yaml")
+    assert ei.value.one_line() == f"{tmp_path / 'latin1.yaml'}: not UTF-8 text (byte 9) (save the recipe as UTF-8)"

@@ -16,7 +16,7 @@ from mtpquant.cli.cmd_smoke import table
 from mtpquant.core.errors import GateError, UsageError
 from mtpquant.core.rundir import RunDir
 from mtpquant.measure import smoke as sm
-from mtpquant.measure.smoke import context, stats, suite
+from mtpquant.measure.smoke import stats, suite
 from mtpquant.recipe import Gates, SmokeSpec
 
 # Designed acceptance: every chat request enters the designed cycle at the same token, so the server's counters

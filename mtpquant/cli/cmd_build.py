@@ -8,6 +8,7 @@ import click
 
 from mtpquant.cli.app import bars, emit, fmt_bytes, json_option, llama_cpp_option, quiet_option, toolchain
 from mtpquant.measure.fit import fit_from_plan, format_table
+from mtpquant.pipeline import executors
 from mtpquant.pipeline.build import build
 from mtpquant.pipeline.plan import plan_only
 from mtpquant.recipe import load as load_recipe
@@ -64,16 +65,31 @@ def _plan_report(plan, tensors: bool) -> tuple[dict, str]:
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default out/<name>).")
 @click.option("--force", is_flag=True, help="Redo every step, replacing earlier outputs.")
+@click.option("--executor", "executor_name", type=click.Choice(sorted(executors.ENGINES)), default="local",
+              show_default=True, help="Where the imatrix, quantize, eval and smoke tasks run: this machine, or a "
+              "Ray cluster (pip install 'mtpquant[ray]'; the run directory on storage every node sees).")
+@click.option("--ray-address", default=None, help="The Ray cluster of --executor ray (default: $RAY_ADDRESS).")
+@click.option("--overlap", is_flag=True, help="Local: quantize the next variant while the previous one's smoke "
+              "and eval run, on disjoint CPU sets (smoke.threads CPUs reserved for the smoke).")
+@click.option("--imatrix-parts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the imatrix's chunks into N ranges computed as separate tasks and merged by "
+              "llama-imatrix (equal to one pass within float rounding, not bit for bit).")
 @llama_cpp_option
 @json_option
 @quiet_option
-def build_cmd(recipe_path, out, force, llama_cpp, as_json, quiet) -> None:
+def build_cmd(recipe_path, out, force, executor_name, ray_address, overlap, imatrix_parts, llama_cpp, as_json,
+              quiet) -> None:
     """Plan, then quantize every variant, verify it, and write receipts (resumable)."""
 
     r = load_recipe(recipe_path)
     tc = toolchain(llama_cpp)
-    with bars(quiet) as progress:
-        result = build(r, out or _default_out(r), tc, force=force, progress=progress)
+    ex = executors.create(executor_name, ray_address=ray_address, overlap=overlap, reserve=r.smoke.threads)
+    try:
+        with bars(quiet) as progress:
+            result = build(r, out or _default_out(r), tc, force=force, progress=progress, executor=ex,
+                           imatrix_parts=imatrix_parts)
+    finally:
+        ex.close()
     data = {"out": str(result.plan.run.root),
             "variants": [{"variant": v.tag, "file": str(v.path), "sha256": v.sha256, "skipped": v.skipped}
                          for v in result.variants],

@@ -15,6 +15,8 @@ from mtpquant.core.receipts import SmokeReceipt
 from mtpquant.core.rundir import RunDir
 from mtpquant.measure import smoke as sm
 from mtpquant.recipe import SmokeSpec
+from mtpquant.report.card.pays import METHOD as SWEEP_METHOD
+from mtpquant.report.card.pays import analyse, recommendation
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
@@ -38,10 +40,18 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--prompts", type=click.IntRange(1), default=None, help="Use N prompts of the suite.")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Tokens generated per request.")
 @click.option("--raw", is_flag=True, help="Also send raw prompts to /completion (no chat template).")
+@click.option("--context", "context", callback=_int_list, default=None, metavar="LIST",
+              help="Context sweep: context lengths (-c), e.g. 4096,32768,131072; each prompt fills its length.")
+@click.option("--context-docs", type=click.IntRange(1, 1000), default=None,
+              help="Documents per length for the context sweep (10 or more give a CI).")
+@click.option("--context-k1", is_flag=True, help="Also measure k=1 in the context sweep.")
+@click.option("--long-doc", "long_docs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Your own document for the context sweep instead of the Python stdlib's source (repeatable).")
 @llama_cpp_option
 @json_option
 @quiet_option
-def smoke(target, ks, seeds, prompts, max_tokens, raw, llama_cpp, as_json, quiet) -> None:
+def smoke(target, ks, seeds, prompts, max_tokens, raw, context, context_docs, context_k1, long_docs, llama_cpp,
+          as_json, quiet) -> None:
     """Measure MTP draft acceptance and decode speedup in llama-server (vanilla vs --spec-type draft-mtp per k).
 
     For a RUN_DIR every model in its SHA256SUMS is measured, receipts/smoke-<variant>.json written and the
@@ -56,9 +66,14 @@ def smoke(target, ks, seeds, prompts, max_tokens, raw, llama_cpp, as_json, quiet
     else:
         raise UsageError(f"{target}: no such GGUF file or run directory")
     overrides = {k: v for k, v in (("draft_n_max", ks), ("seeds", seeds), ("prompts", prompts),
-                                   ("max_tokens", max_tokens)) if v is not None}
+                                   ("max_tokens", max_tokens), ("context_sweep", context),
+                                   ("context_documents", context_docs)) if v is not None}
     if raw:
         overrides["raw"] = True
+    if context_k1:
+        overrides["context_k1"] = True
+    if long_docs:
+        overrides["long_documents"] = tuple(long_docs)
     spec = dataclasses.replace(spec, **overrides)
     tc = toolchain(llama_cpp)
     error = None
@@ -115,11 +130,29 @@ def table(tag: str, r: dict) -> str:
     for name, c in (r.get("gates") or {}).get("checks", {}).items():
         lines.append(f"  gate {name} {c['gate']:g}: {'passed' if c['passed'] else 'FAILED'}")
     cs = r.get("context_sweep")
-    if cs and cs.get("rows"):
-        lines.append(f"  long context (k={cs['k']}): " + ", ".join(
-            f"{row['prompt_tokens_target']} tok: " + (
-                row["skipped"] if "skipped" in row else f"acc {row['acceptance']} speedup {row['speedup']}x")
-            for row in cs["rows"]))
-    elif cs:
-        lines.append(f"  long context: {cs.get('skipped')}")
+    if cs:
+        lines += sweep_lines(cs)
     return "\n".join(lines)
+
+
+def sweep_lines(cs: dict) -> list[str]:
+    """The context sweep as text: per length and arm the measured figures, then where MTP pays."""
+    if cs.get("method") != SWEEP_METHOD:
+        return ["  context sweep: recorded by an older smoke method"]
+    if "skipped" in cs:
+        return [f"  context sweep: skipped ({cs['skipped']})"]
+    lines = [f"  context sweep, {cs['documents_per_length']} document(s) per length, {cs['max_tokens']} tokens out:",
+             (f"  {'ctx':>7} {'prompt':>7} {'arm':>4}  {'accept':>6}  {'decode tok/s':<22} {'prefill tok/s':<22} "
+              f"{'TTFT ms':<18} e2e speedup")]
+    for row in cs["rows"]:
+        for name, f in row["arms"].items():
+            mtp = name != "vanilla"
+            acc = f["acceptance"]["value"] if mtp else None
+            lines.append(
+                f"  {row['ctx']:>7} {_fig(row['prompt_tokens'], '.0f'):>7} {'off' if not mtp else name:>4}  "
+                f"{'-' if acc is None else format(acc, '.3f'):>6}  {_fig(f['decode_tok_s'], '.1f'):<22} "
+                f"{_fig(f['prefill_tok_s'], '.0f'):<22} {_fig(f['ttft_ms'], '.0f'):<18} "
+                f"{_fig(f['e2e_speedup'], '.2f', 'x') if mtp else '-'}")
+    for arm in analyse(cs)["arms"]:
+        lines.append(f"  k={arm['k']}: {recommendation(arm)}")
+    return lines

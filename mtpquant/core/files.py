@@ -29,6 +29,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write (a full disk) names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -38,6 +39,36 @@ class ToolRun:
     log_path: Path | None
 
 
+class _Log:
+    """A tool's log file. A failed write (a full disk) is kept, not raised, so the tool's output is still drained;
+    `check` raises it afterwards as an OSError naming the log."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.error = path, None
+        self.f = open(path, "a", encoding="utf-8", errors="replace") if path else None  # noqa: SIM115
+
+    def write(self, text: str, flush: bool = False) -> None:
+        if self.f is None or self.error is not None:
+            return
+        try:
+            self.f.write(text)
+            if flush:
+                self.f.flush()
+        except OSError as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError as exc:
+                self.error = self.error or exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(self.path)) from self.error
+
+
 def describe_exit(returncode: int | None, timed_out: bool = False) -> str:
     """Human words for how a process ended."""
     if timed_out:
@@ -68,13 +99,11 @@ def run_tool(
     args = [str(a) for a in argv]
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a", encoding="utf-8", errors="replace") if log_path else None
+    log = _Log(log_path)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     out_lines: list[str] = []
     lock = threading.Lock()
-    if log:
-        log.write("$ " + " ".join(args) + "\n")
-        log.flush()
+    log.write("$ " + " ".join(args) + "\n", flush=True)
 
     def pump(stream, keep: bool) -> None:
         for raw in iter(stream.readline, ""):
@@ -83,8 +112,7 @@ def run_tool(
                 tail.append(line)
                 if keep:
                     out_lines.append(line)
-                if log:
-                    log.write(raw if raw.endswith("\n") else raw + "\n")
+                log.write(raw if raw.endswith("\n") else raw + "\n")
                 if on_line:
                     on_line(line)
         stream.close()
@@ -93,8 +121,7 @@ def run_tool(
         proc = spawn(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=cwd,
                      env=env, bufsize=1)
     except FileNotFoundError as exc:
-        if log:
-            log.close()
+        log.close()
         raise ToolError(args, "could not be started (not found)", log_path, str(exc), hint) from None
     threads = [threading.Thread(target=pump, args=(proc.stdout, True), daemon=True),
                threading.Thread(target=pump, args=(proc.stderr, False), daemon=True)]
@@ -112,9 +139,9 @@ def run_tool(
     finally:
         for t in threads:
             t.join(timeout=5)
-        if log:
-            log.write(f"# {describe_exit(proc.returncode, timed_out)}\n")
-            log.close()
+        log.write(f"# {describe_exit(proc.returncode, timed_out)}\n")
+        log.close()
+    log.check()  # a log that could not be written (a full disk) is the first thing to say
     if check and (timed_out or proc.returncode != 0):
         raise ToolError(args, describe_exit(proc.returncode, timed_out), log_path, "\n".join(tail), hint)
     return ToolRun(tuple(args), proc.returncode, "\n".join(out_lines), log_path)
@@ -126,11 +153,51 @@ def _die_with_parent() -> None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def spawn(argv: list[str], **popen) -> subprocess.Popen:
     """Start a program from an argv list (never a shell), stdin closed, in its own process group, and tied to this
     process's life (Linux: PR_SET_PDEATHSIG), so no child outlives mtpquant however mtpquant ends."""
-    return subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=_die_with_parent if _PRCTL is not None else None, **popen)
+    held: list[tuple[int, object]] = []
+    proc = None
+    try:
+        with _signals_held(held):
+            proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent if _PRCTL is not None else None, **popen)
+    finally:
+        if held:  # a stop signal came while the child was being started: stop it, then act on the signal
+            if proc is not None:
+                stop(proc)
+            _redeliver(*held[0])
+    return proc
+
+
+@contextlib.contextmanager
+def _signals_held(held: list):
+    """Keep stop signals that arrive during a fork in `held` (with the handler they had), to act on them after it.
+
+    A signal's Python handler can run inside an at-fork hook (filelock registers one), where an exception such as
+    KeyboardInterrupt is printed and dropped: a SIGTERM sent just then would be lost and the command would go on."""
+    if threading.current_thread() is not threading.main_thread():  # handlers run in the main thread only
+        yield
+        return
+    # a signal set outside Python (None) cannot be put back, and an ignored one (nohup) must stay ignored in the child
+    previous = {sig: h for sig in STOP_SIGNALS if (h := signal.getsignal(sig)) not in (None, signal.SIG_IGN)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append((signum, previous[signum])))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _redeliver(signum: int, handler) -> None:
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
 
 
 def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:

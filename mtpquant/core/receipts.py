@@ -273,6 +273,7 @@ class SmokeReceipt(Receipt):
     gates: dict = field(default_factory=dict)
     chat_vs_raw: dict | None = None
     context_sweep: dict | None = None
+    reference: dict | None = None  # acceptance against a reference head (smoke.reference), paired per prompt
     concurrent: dict | None = None  # the executor's record: where it ran, on which CPUs, and what else ran meanwhile
 
 

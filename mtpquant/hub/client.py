@@ -7,6 +7,7 @@ import fnmatch
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from huggingface_hub import (
     try_to_load_from_cache,
 )
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import build_hf_headers
 
 from mtpquant import __version__
-from mtpquant.core.errors import HubError, IntegrityError, MtpquantError
+from mtpquant.core.errors import HubError, IntegrityError, MtpquantError, UsageError
 from mtpquant.core.files import CHUNK, SPLIT_RE, incomplete_path, stat_key
 from mtpquant.core.paths import cache_root
 from mtpquant.core.progress import ProgressFn, no_progress
@@ -44,6 +46,8 @@ FILES_HINT = "give a .gguf file name, a shard pattern such as 'BF16/*.gguf', or 
 RETRY_HINT = "the damaged copy was removed from the Hugging Face cache and nothing was built from it; run again " \
              "to download it afresh"
 TOKEN_HINT = "set HF_TOKEN or run `hf auth login` with a token that can read it"
+TIMEOUT_ENV = "MTPQUANT_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0  # seconds without a byte from the hub; huggingface_hub's own client waits for ever
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,46 @@ def settings() -> HubSettings:
     return HubSettings(endpoint, cache.expanduser(), offline)
 
 
+# ----------------------------------------------------------------------------------------------- timeouts
+
+def hub_timeout() -> float:
+    """Seconds to wait for the hub to connect or to send its next bytes: $MTPQUANT_HUB_TIMEOUT, default 60."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds", f"unset it, or give e.g. {TIMEOUT_ENV}=60")
+    return value
+
+
+def bound_requests() -> float:
+    """Give huggingface_hub's shared HTTP client a connect/read timeout (its default has none, so a hub that takes a
+    connection and never answers would hang mtpquant for ever); a client factory of the user's own is left alone.
+    Returns the timeout."""
+    timeout = hub_timeout()
+    current = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", None)
+    default = getattr(hf_http, "default_client_factory", None)
+    ours = getattr(current, "mtpquant_timeout", None)
+    if default is None or (current is not default and ours is None) or ours == timeout:
+        return timeout
+
+    def factory():
+        client = default()
+        client.timeout = timeout
+        return client
+
+    factory.mtpquant_timeout = timeout
+    hf_http.set_client_factory(factory)
+    return timeout
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a request failed because the hub sent nothing for too long (connecting or answering)."""
+    return "Timeout" in type(exc).__name__ and is_network_error(exc)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 class _Context:
@@ -126,6 +170,10 @@ class _Context:
             why = "may not be asked (HF_HUB_OFFLINE is set)" if settings().offline else "cannot be reached"
             return HubError(f"{file} of {self.repo}@{self.revision[:12]} is not in the Hugging Face cache, and "
                             f"{self.endpoint} {why}", "connect to the hub (unset HF_HUB_OFFLINE) to download it once")
+        if is_timeout(exc):
+            return HubError(f"{self.endpoint} did not answer within {hub_timeout():g} s while resolving "
+                            f"{self.repo}@{self.revision}{f' ({file})' if file else ''}",
+                            f"check the network and HF_ENDPOINT; {TIMEOUT_ENV} sets how long to wait")
         if isinstance(exc, hf_errors.OfflineModeIsEnabled) or is_network_error(exc):
             return HubError(f"cannot reach {self.endpoint} to resolve {self.repo}@{self.revision} "
                             f"({first_line(exc)}), and this run has no recorded commit to use from the cache",
@@ -181,9 +229,10 @@ def is_network_error(exc: Exception) -> bool:
 def resolve(repo: str, revision: str, endpoint: str, recipe_path: Path | None = None) -> Snapshot:
     """Ask the hub once for the commit a revision names and every file there (sizes, git ids, LFS sha256s)."""
 
+    timeout = bound_requests()
     api = HfApi(endpoint=endpoint, library_name="mtpquant", library_version=__version__)
     try:
-        info = api.model_info(repo, revision=revision, files_metadata=True)
+        info = api.model_info(repo, revision=revision, files_metadata=True, timeout=timeout)
     except Exception as exc:
         err = _Context(recipe_path, repo, revision, endpoint).explain(exc)
         if err is None:
@@ -274,11 +323,12 @@ def download(snap: Snapshot, files: tuple[HubFile, ...], cfg: HubSettings, progr
 
     paths: dict[str, Path] = {}
     progress(label, 0, total)
+    timeout = bound_requests()
     for f in files:
         inflight = 0
         try:
             got = hf_hub_download(snap.repo, f.name, revision=snap.commit, cache_dir=cfg.cache_dir,
-                                  endpoint=cfg.endpoint, local_files_only=cfg.offline,
+                                  endpoint=cfg.endpoint, local_files_only=cfg.offline, etag_timeout=timeout,
                                   tqdm_class=functools.partial(_ByteCounter, on_bytes),
                                   library_name="mtpquant", library_version=__version__)
         except Exception as exc:
@@ -439,12 +489,13 @@ def peek_gguf(snap: Snapshot, f: HubFile, cfg: HubSettings) -> dict | None:
 
     url = hf_hub_url(snap.repo, f.name, revision=snap.commit, endpoint=cfg.endpoint)
     headers = build_hf_headers(library_name="mtpquant", library_version=__version__)
+    timeout = bound_requests()
 
     def fetch(offset: int, size: int) -> bytes:
         end = min(offset + size, f.size) - 1
         if end < offset:
             return b""
-        r = get_session().get(url, headers={**headers, "Range": f"bytes={offset}-{end}"}, timeout=60)
+        r = get_session().get(url, headers={**headers, "Range": f"bytes={offset}-{end}"}, timeout=timeout)
         hf_raise_for_status(r)
         if r.status_code != 206:
             raise EOFError("the hub does not serve byte ranges")

@@ -240,7 +240,10 @@ class LlamaServer:
         self._log_start = self._log.tell()
         self._note("$ " + " ".join(argv))
         try:
-            self.proc = spawn(argv, stdout=self._log, stderr=subprocess.STDOUT)
+            # idle OpenMP threads sleep instead of spinning: several servers resident at once (the smoke's arms)
+            # must not take cores from the one answering
+            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
+            self.proc = spawn(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         except OSError as exc:
             raise self._start_error(f"cannot run {self.binary}: {exc.strerror or exc}", "could not be started") \
                 from None

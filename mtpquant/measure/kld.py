@@ -35,6 +35,7 @@ from mtpquant.llamacpp.perplexity import (
     shown_argv,
 )
 from mtpquant.llamacpp.toolchain import Toolchain
+from mtpquant.recipe.checker import file_problem
 from mtpquant.recipe.schema import EvalSpec
 
 DEFAULT_TEXT = DATA_DIR / "eval" / "wiki-style-v1.txt"
@@ -117,10 +118,14 @@ def _save_logits(tc: Toolchain, source: Path, text: Path, ctx: int, chunks: int,
 
 
 def _check_inputs(source: Path, text: Path, ctx: int, chunks: int) -> None:
-    if not source.is_file():
+    if not source.exists():
         raise UsageError(f"{source}: source model not found", "give the BF16 GGUF the variants were made from")
-    if not text.is_file():
+    if problem := file_problem(source):
+        raise UsageError(f"{source}{problem}", "give the BF16 GGUF the variants were made from")
+    if not text.exists():
         raise UsageError(f"{text}: evaluation text not found", "give a UTF-8 text file")
+    if problem := file_problem(text, text=True):
+        raise UsageError(f"{text}{problem}", "give a UTF-8 text file")
     if ctx < 16 or chunks < 1:
         raise UsageError(f"eval needs ctx >= 16 and chunks >= 1, got ctx={ctx}, chunks={chunks}")
 

@@ -14,12 +14,12 @@ from mtpquant.core.errors import GateError
 from mtpquant.core.files import atomic_path, incomplete_path, remove_stale_incomplete, sha256_file, sha256_json
 from mtpquant.core.progress import ProgressFn, no_progress
 from mtpquant.core.receipts import ImatrixReceipt, QuantizeReceipt, SmokeReceipt
-from mtpquant.core.rundir import Artifact, RunDir, locked
+from mtpquant.core.rundir import RunDir, locked
 from mtpquant.core.steps import Done, Step, run_step
 from mtpquant.llamacpp.imatrix import ImatrixResult, chunk_ranges, compute_args, compute_imatrix
 from mtpquant.llamacpp.quantize import run_quantize
 from mtpquant.llamacpp.toolchain import Toolchain
-from mtpquant.measure import fit, kld, smoke
+from mtpquant.measure import fit
 from mtpquant.modelfile.imatrix import read_imatrix
 from mtpquant.pipeline import head_study
 from mtpquant.pipeline.executors import imatrix_map, local, measure_tasks
@@ -161,14 +161,15 @@ def _quantize_receipt(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, 
         nextn_blocks=list(info.nextn.blocks),
         nextn_types={t.name: t.type for t in info.tensors if t.block in info.nextn.blocks},
         type_counts=dict(sorted(Counter(t.type for t in info.tensors).items())), checks=verified.checks,
-        command=recorded_command(q.argv, plan.source.path.name), cwd=".", seconds=q.seconds,
+        command=recorded_command(q.argv, plan.source.path.name, vplan.file_name), cwd=".", seconds=q.seconds,
         toolchain=plan.toolchain.describe())
 
 
-def recorded_command(argv: tuple[str, ...], source_name: str) -> list[str]:
-    """llama-quantize's argv as the receipt records it: the binary and the source by name (receipts are published;
-    where they lay on the building machine is not theirs to say), everything else as run in the run directory."""
-    return [Path(argv[0]).name, *argv[1:-4], source_name, *argv[-3:]]
+def recorded_command(argv: tuple[str, ...], source_name: str, output_name: str) -> list[str]:
+    """llama-quantize's argv as the receipt records it: the binary, the source and the output by name (receipts are
+    published; where they lay on the building machine is not theirs to say, and the temporary output name holds a
+    pid), everything else as run in the run directory."""
+    return [Path(argv[0]).name, *argv[1:-4], source_name, output_name, *argv[-2:]]
 
 
 def build_variant(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, force: bool,
@@ -185,16 +186,19 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False, progres
     here; the imatrix, each variant and each smoke or eval run where `executor` places them (default: in order
     on this machine)."""
     ex = executor or local.Executor()
+    first = len(ex.records)
+    imatrix_map.check_parts(recipe, imatrix_parts)
     run = RunDir(Path(out).resolve())
     with locked(run):
         remove_stale_incomplete(run.root)
         started = time.monotonic()
         plan = make_plan(recipe, out, tc, progress, force)
         if ex.remote:  # before anything is placed: every node sees the run directory, the source, the toolchain
-            ex.check_nodes(needs_of(run, plan.source.path, plan.source.files, tc.describe()), progress)
+            ex.check_nodes(needs_of(run, plan.source.path, plan.source.files, tc.describe(),
+                                    max((t.gpus for t in measure_tasks.post_tasks(plan, force)), default=0)), progress)
         im, _ = ensure_imatrix(plan, force, progress, ex, imatrix_parts)
         plan, studies = head_study.run_studies(plan, im, force, progress)  # variants with draft_head, re-planned
-        results, extra, gate_error, schedule = run_tasks(plan, im, force, progress, ex)
+        results, extra, gate_error = run_tasks(plan, im, force, progress, ex, first)
         remove_stale_incomplete(run.root)  # what a killed worker left; every task has ended
         extra = {**studies, **extra}
         manifest = {
@@ -209,7 +213,7 @@ def build(recipe: Recipe, out: Path, tc: Toolchain, force: bool = False, progres
             },
         }
         manifest["gates"] = _gate_state(run, [r.tag for r in results])
-        manifest["executor"] = schedule.to_json()
+        manifest["executor"] = Schedule(ex.describe(), ex.records[first:]).to_json()
         run.write_manifest(manifest)
         # the card is rendered from the receipts and manifest just written, then recorded in the manifest
         manifest["steps"]["card"] = {"file": card.write_card(run).name}
@@ -231,8 +235,8 @@ def _gate_state(run: RunDir, tags: list[str]) -> dict:
     return out
 
 
-def run_tasks(plan: Plan, im: ImatrixResult | None, force: bool, progress: ProgressFn,
-              ex: Executor) -> tuple[list[VariantResult], dict, GateError | None, Schedule]:
+def run_tasks(plan: Plan, im: ImatrixResult | None, force: bool, progress: ProgressFn, ex: Executor,
+              first: int = 0) -> tuple[list[VariantResult], dict, GateError | None]:
     """Each variant's quantize + verify, then the steps that read it back (eval, smoke: one task per variant),
     through the executor; SHA256SUMS and fit are written here as soon as the last variant is verified."""
     recipe, run = plan.recipe, plan.run
@@ -253,9 +257,9 @@ def run_tasks(plan: Plan, im: ImatrixResult | None, force: bool, progress: Progr
                 fits.update(fit.fit_run(run.root, recipe.fit.vram_gb, recipe.fit.ctx, recipe.fit.kv, force=force))
 
     done = ex.run(tasks, progress, on_done)
-    schedule = Schedule(ex.describe(), sorted((o.record for o in done.values()), key=lambda r: r.started))
+    schedule = Schedule(ex.describe(), ex.records[first:])  # this build's tasks (`first` on), imatrix included
     steps: dict = {f"fit:{tag}": {"receipt": f"receipts/fit-{tag}.json"} for tag in fits}
     steps.update({t.name: {"receipt": f"receipts/{t.name.replace(':', '-')}.json"} for t in tasks if t.kind == GPU})
     smokes = [done[f"smoke:{tag}"].value for tag in tags if f"smoke:{tag}" in done]
     measure_tasks.record_concurrency(plan, schedule, smokes)  # what else ran meanwhile is known only now
-    return [results[t] for t in tags], steps, measure_tasks.gate_error(smokes), schedule
+    return [results[t] for t in tags], steps, measure_tasks.gate_error(smokes)

@@ -22,6 +22,7 @@ from mtpquant.core.steps import Step, run_step
 from mtpquant.llamacpp.imatrix import ImatrixResult
 from mtpquant.llamacpp.quantize import run_quantize
 from mtpquant.measure import draft_head as dh
+from mtpquant.measure.smoke import acceptance
 from mtpquant.measure.smoke.suite import select_prompts, suite_info
 from mtpquant.pipeline.plan import DISK_MARGIN, Plan
 from mtpquant.quant import coverage as imx
@@ -173,7 +174,7 @@ def _study(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, spec: Draft
         raise PlanError(f"variant {tag}: draft_head.scope {spec.scope} names no tensor that llama-quantize quantizes",
                         "does the source keep its NextN block? `mtpquant inspect SOURCE` lists it")
     ref_type = reference_type(plan, vplan, scope)
-    settings = dh.Settings(spec.k, spec.max_tokens, spec.slots, spec.threads or plan.recipe.smoke.threads,
+    settings = acceptance.Settings(spec.k, spec.max_tokens, spec.slots, spec.threads or plan.recipe.smoke.threads,
                            plan.recipe.smoke.gpu_layers)
     types = list(dict.fromkeys([ref_type, *spec.candidates]))  # the reference first; a candidate may be it
     # every arm is planned (dry runs) before any is made: a candidate llama-quantize cannot make fails first
@@ -238,7 +239,7 @@ def _plan_arm(plan: Plan, vplan: VariantPlan, ggml_type: str, scope: list[str], 
 
 
 def _make_arm(plan: Plan, vplan: VariantPlan, arm: _Arm, scope: list[str], im: ImatrixResult | None,
-              prompts: list, settings: dh.Settings, measured: dict, progress: ProgressFn) -> dict:
+              prompts: list, settings: acceptance.Settings, measured: dict, progress: ProgressFn) -> dict:
     """One head quantized, verified and measured (unless the same bytes were already), then removed."""
     run, cplan = plan.run, arm.plan
     folder = run.work / STUDY_DIR
@@ -255,7 +256,7 @@ def _make_arm(plan: Plan, vplan: VariantPlan, arm: _Arm, scope: list[str], im: I
         os.replace(tmp, out)
         fresh = sha not in measured
         if fresh:
-            measured[sha] = dh.measure_head(plan.toolchain, out, prompts, settings,
+            measured[sha] = acceptance.measure_head(plan.toolchain, out, prompts, settings,
                                             run.logs / f"draft-head-{arm.label}-server.log", progress,
                                             f"draft head {arm.label}")
     finally:

@@ -19,6 +19,7 @@ from mtpquant.core.receipts import ImatrixSourceReceipt, QuantizeReceipt
 from mtpquant.core.rundir import RunDir, locked
 from mtpquant.hub.client import fetch_file
 from mtpquant.llamacpp.toolchain import Toolchain, require
+from mtpquant.measure.smoke.context import check_context
 from mtpquant.modelfile.imatrix import ImatrixInfo, read_imatrix
 from mtpquant.quant import coverage as imx
 from mtpquant.quant.keys import toolchain_key
@@ -123,6 +124,8 @@ def make_plan(recipe: Recipe, out: Path, tc: Toolchain, progress: ProgressFn = n
     run = RunDir(Path(out).resolve())
     run.ensure()
     source = stand_in(recipe) if use_stand_in else prepare(recipe, run, progress)
+    if recipe.smoke.enabled:
+        check_context(source.path, recipe.smoke)  # a sweep past the trained context fails now, not after quantizing
     im = _imatrix_plan(recipe, run, source)
     variants = []
     for i, v in enumerate(recipe.variants):

@@ -81,7 +81,7 @@ def plan_variant(tc: Toolchain, source: Path, model: ModelInfo, variant: Variant
     tag = variant.tag
     defaults = dry_run(tc, source, variant.type, work / f"dryrun-{tag}-defaults.log", imatrix=imatrix)
     quantizable = {name for name, (_, target) in defaults.items() if target is not None}
-    assignments, problems = resolve(variant.rules + policy, model, quantizable)
+    assignments, problems = resolve(variant.rules + policy, model, quantizable, len(variant.rules))
     if problems:
         raise PlanError(f"variant {tag}: " + "; ".join(problems),
                         "fix the rule's regex or block; `mtpquant inspect SOURCE` lists the tensor names")
@@ -116,8 +116,9 @@ def plan_variant(tc: Toolchain, source: Path, model: ModelInfo, variant: Variant
     write_text_atomic(tensors_file, "\n".join(overrides) + ("\n" if overrides else ""))
     honoured = dry_run(tc, source, variant.type, work / f"dryrun-{tag}.log", overrides_file=tensors_file,
                        imatrix=imatrix) if overrides else defaults
-    wrong = [f"{n} -> {honoured[n][1]} (asked {chosen[n].type} by {chosen[n].rule})"
-             for n in chosen if honoured.get(n, ("", None))[1] != chosen[n].type]
+    wrote = {n: target or src for n, (src, target) in honoured.items()}  # copied unchanged: the source's type
+    wrong = [f"{n} -> {wrote.get(n)} (asked {chosen[n].type} by {chosen[n].rule})"
+             for n in chosen if wrote.get(n) != chosen[n].type]
     if wrong:
         raise PlanError(f"variant {tag}: llama-quantize would not write the planned type for "
                         f"{len(wrong)} tensor(s): " + "; ".join(wrong[:5]),

@@ -29,25 +29,35 @@ def rule_matches(rule: Rule, tensor: TensorInfo, model: ModelInfo) -> bool:
     return rule.match is None or re.search(rule.match, tensor.name) is not None
 
 
-def resolve(rules: tuple[Rule, ...], model: ModelInfo, quantizable: set[str]) -> tuple[list[Assignment], list[str]]:
+def resolve(rules: tuple[Rule, ...], model: ModelInfo, quantizable: set[str],
+            n_overrides: int = 0) -> tuple[list[Assignment], list[str]]:
     """First matching rule wins per quantizable tensor. Returns the assignments and one problem per rule that
-    matches nothing (or only tensors llama-quantize never quantizes)."""
+    matches nothing (or only tensors llama-quantize never quantizes, or that an earlier rule took). The first
+    `n_overrides` rules are a variant's own: a later rule whose every tensor one of them took is overridden, as
+    the recipe asks, not a problem."""
     assignments: list[Assignment] = []
     used: dict[str, int] = {r.origin: 0 for r in rules}
     touched: dict[str, int] = {r.origin: 0 for r in rules}
+    overridden: dict[str, int] = {r.origin: 0 for r in rules}
     for t in model.tensors:
-        for r in rules:
-            if rule_matches(r, t, model):
-                touched[r.origin] += 1
-                if t.name in quantizable:
-                    used[r.origin] += 1
-                    assignments.append(Assignment(t.name, r.type, r.origin))
-                    break
+        winner = None
+        for i, r in enumerate(rules):
+            if not rule_matches(r, t, model):
+                continue
+            touched[r.origin] += 1
+            if t.name not in quantizable:
+                continue
+            if winner is None:
+                winner = i
+                used[r.origin] += 1
+                assignments.append(Assignment(t.name, r.type, r.origin))
+            elif winner < n_overrides <= i:
+                overridden[r.origin] += 1
     problems = []
     for r in rules:
         if touched[r.origin] == 0:
             problems.append(f"{r.describe()}: matches no tensor of the source model")
-        elif used[r.origin] == 0:
+        elif used[r.origin] == 0 and overridden[r.origin] == 0:
             problems.append(f"{r.describe()}: matches only tensors llama-quantize never quantizes "
                             "(norms, router gates, ...) or tensors an earlier rule already took")
     return assignments, problems

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gguf
 
-from mtpquant.core.errors import VerifyError
+from mtpquant.core.errors import GGUFReadError, VerifyError
 from mtpquant.modelfile.model import ModelInfo, read_model
 
 
@@ -24,7 +24,11 @@ def expected_file_type(variant_type: str) -> int:
 def verify_output(path: Path, planned_types: dict[str, str], variant_type: str, source: ModelInfo,
                   planned_bytes: int) -> Verified:
     """Every tensor's type equals the plan; NextN block complete and kept; file type and size right."""
-    info = read_model(path)
+    try:
+        info = read_model(path)
+    except GGUFReadError as exc:  # the tool exited 0 and still left a short or damaged file
+        raise VerifyError(f"{path.name}: not a whole GGUF: {exc.message.removeprefix(f'{path}: ')}",
+                          "it was not kept; the tool exited 0 without finishing it, see its log") from None
     problems = []
     got = {t.name: t.type for t in info.tensors}
     missing = sorted(set(planned_types) - set(got))

@@ -136,9 +136,8 @@ class Checker:
         except re.error as exc:
             self.bad(path, f"invalid regular expression {s!r}: {exc}")
             return None
-        if _nested_repeat(parsed):
-            self.bad(path, f"regular expression {s!r} repeats a repetition, which can take exponential time",
-                     "write it without a quantified group that itself holds a quantifier, e.g. (a+)+ -> a+")
+        if why := _backtracking(parsed):
+            self.bad(path, f"regular expression {s!r} {why}, which can take exponential time", BACKTRACK_HINTS[why])
             return None
         return s
 
@@ -152,11 +151,8 @@ class Checker:
         if must_exist and not p.exists():
             self.bad(path, f"file not found: {p}", "paths are relative to the recipe's folder")
             return None
-        if must_exist and not p.is_file():  # stat only: opening a FIFO to look at it would block
-            self.bad(path, f"{p} is {file_kind(p)}, not a regular file", "give a file")
-            return None
-        if must_exist and text and (problem := utf8_problem(p)):
-            self.bad(path, f"{p}: {problem}", "save it as UTF-8 text")
+        if must_exist and (problem := file_problem(p, text)):
+            self.bad(path, f"{p}{problem}", "save it as UTF-8 text" if "UTF-8" in problem else "give a file")
             return None
         return p
 
@@ -177,6 +173,15 @@ def file_kind(p: Path) -> str:
         if test(mode):
             return what
     return "not a regular file"
+
+
+def file_problem(p: Path, text: bool = False) -> str | None:
+    """Why an existing path cannot be read as a file (' is a FIFO (named pipe), not a regular file', ': not UTF-8
+    (byte N)'), worded to follow the path; None when it can."""
+    if not p.is_file():  # stat only: opening a FIFO to look at it would block
+        return f" is {file_kind(p)}, not a regular file"
+    problem = utf8_problem(p) if text else None
+    return f": {problem}" if problem else None
 
 
 def utf8_problem(p: Path, chunk: int = 1 << 20) -> str | None:
@@ -216,22 +221,41 @@ def kind_of(value: Any) -> str:
     return type(value).__name__
 
 
-def _nested_repeat(items, inside: bool = False) -> bool:
-    """Whether a parsed pattern has a repeat (max > 1) inside another: the shape of catastrophic backtracking."""
+NESTED = "repeats a repetition"
+AMBIGUOUS = "repeats alternatives that can match the same text"
+BACKTRACK_HINTS = {
+    NESTED: "write it without a quantified group that itself holds a quantifier, e.g. (a+)+ -> a+",
+    AMBIGUOUS: "inside a repeated group, start each alternative with a different letter, e.g. (a|ab)* -> (ab?)*",
+}
+
+
+def _backtracking(items, inside: bool = False) -> str | None:
+    """Why a parsed pattern can backtrack catastrophically: a repeat (max > 1) inside another, or, inside one,
+    alternatives not told apart by their first letter (the parser has already factored out common prefixes, so
+    `(a|ab)` arrives as `a(?:|b)`: an empty alternative)."""
     for op, av in items:
         if op in (re_parser.MAX_REPEAT, re_parser.MIN_REPEAT, re_parser.POSSESSIVE_REPEAT):
             _lo, hi, sub = av
             repeats = hi is re_parser.MAXREPEAT or hi > 1
             if repeats and inside:
-                return True
-            if _nested_repeat(sub, inside or repeats):
-                return True
+                return NESTED
+            if why := _backtracking(sub, inside or repeats):
+                return why
         elif op == re_parser.SUBPATTERN:
-            if _nested_repeat(av[-1], inside):
-                return True
+            if why := _backtracking(av[-1], inside):
+                return why
         elif op == re_parser.BRANCH:
-            if any(_nested_repeat(b, inside) for b in av[1]):
-                return True
-        elif op in (re_parser.ASSERT, re_parser.ASSERT_NOT) and _nested_repeat(av[1], inside):
-            return True
-    return False
+            if inside and not _distinct_starts(av[1]):
+                return AMBIGUOUS
+            for b in av[1]:
+                if why := _backtracking(b, inside):
+                    return why
+        elif op in (re_parser.ASSERT, re_parser.ASSERT_NOT) and (why := _backtracking(av[1], inside)):
+            return why
+    return None
+
+
+def _distinct_starts(alternatives) -> bool:
+    """Every alternative starts with a literal character and no two with the same one."""
+    firsts = [alt[0][1] if alt and alt[0][0] == re_parser.LITERAL else None for alt in alternatives]
+    return None not in firsts and len(set(firsts)) == len(firsts)

@@ -172,14 +172,29 @@ def _server_args(c: Checker, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _smoke(c: Checker, value: Any) -> SmokeSpec:
+def _long_documents(c: Checker, value: Any, base: Path) -> tuple[Path, ...]:
+    """The user's own long documents for the context sweep: existing files, each named once."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        c.bad("smoke.long_documents", f"expected a non-empty list of file paths, got {kind_of(value)}",
+              "e.g. long_documents: [docs/manual.txt]")
+        return ()
+    paths = [c.path(v, f"smoke.long_documents[{i}]", base, text=True) for i, v in enumerate(value)]
+    if len({p for p in paths if p is not None}) < len([p for p in paths if p is not None]):
+        c.bad("smoke.long_documents", "names a file twice", "each document is measured once per length")
+    return tuple(p for p in paths if p is not None)
+
+
+def _smoke(c: Checker, value: Any, base: Path) -> SmokeSpec:
     if value is None:
         return SmokeSpec()
     d = c.mapping(value, "smoke", {"enabled": False, "seeds": False, "draft_n_max": False, "max_tokens": False,
                                    "prompts": False, "raw": False, "ctx": False, "context_sweep": False,
                                    "threads": False, "gpu_layers": False, "gate": False, "variant_gates": False,
                                    "n_cpu_moe": False, "batch": False, "ubatch": False, "kv_type": False,
-                                   "flash_attn": False, "server_args": False, "warmup": False, "reference": False})
+                                   "flash_attn": False, "server_args": False, "warmup": False, "reference": False,
+                                   "context_documents": False, "context_k1": False, "long_documents": False})
     if d is None:
         return SmokeSpec()
     default = SmokeSpec()
@@ -200,6 +215,10 @@ def _smoke(c: Checker, value: Any) -> SmokeSpec:
         raw=bool(c.boolean(d.get("raw"), "smoke.raw")),
         ctx=c.integer(d.get("ctx"), "smoke.ctx", 64, 1 << 22) or default.ctx,
         context_sweep=c.int_list(d.get("context_sweep"), "smoke.context_sweep", 64) or (),
+        context_documents=c.integer(d.get("context_documents"), "smoke.context_documents", 1, 1000)
+        or default.context_documents,
+        context_k1=bool(c.boolean(d.get("context_k1"), "smoke.context_k1")),
+        long_documents=_long_documents(c, d.get("long_documents"), base),
         threads=c.integer(d.get("threads"), "smoke.threads", 1, 4096),
         gpu_layers=c.integer(d.get("gpu_layers"), "smoke.gpu_layers", 0, 100000),
         n_cpu_moe=c.integer(d.get("n_cpu_moe"), "smoke.n_cpu_moe", 0, 100000),
@@ -371,9 +390,12 @@ def parse(data: Any, file: Path) -> Recipe:
     policy = _rules(c, d.get("policy"), "policy")
     head = _draft_head(c, d["draft_head"], "draft_head", None) if "draft_head" in d else None
     variants = _variants(c, d.get("variants"), head)
-    smoke = _smoke(c, d.get("smoke"))
+    smoke = _smoke(c, d.get("smoke"), base)
     ev = _eval(c, d.get("eval"), base)
     fit = _fit(c, d.get("fit"))
+    if smoke.context_sweep:  # the fit estimates memory at the lengths the sweep measures (and the recipe's own)
+        given = fit.ctx if isinstance(d.get("fit"), dict) and "ctx" in d["fit"] else ()
+        fit = replace(fit, ctx=tuple(sorted(set(given) | set(smoke.context_sweep))))
     card = _card(c, d.get("card"))
     publish = _publish(c, d.get("publish"))
     if c.problems or name is None or source is None:

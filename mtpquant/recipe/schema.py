@@ -139,7 +139,10 @@ class SmokeSpec:
     prompts: int | None = None  # use the first N prompts of the suite (None: all)
     raw: bool = False  # also measure raw /completion prompts
     ctx: int = 4096
-    context_sweep: tuple[int, ...] = ()
+    context_sweep: tuple[int, ...] = ()  # context lengths (-c); each prompt fills its length less the output
+    context_documents: int = 10  # documents per length from the stdlib's source (10 or more give a CI)
+    context_k1: bool = False  # also measure draft-mtp at k=1 in the sweep
+    long_documents: tuple[Path, ...] = ()  # the user's own documents for the sweep, instead of the stdlib's source
     threads: int | None = None
     gpu_layers: int | None = None
     # the same explicit placement for every server, so both arms run on the same machine state

@@ -1,4 +1,5 @@
-"""safetensors -> BF16 GGUF with the pinned llama.cpp converter (from the toolchain's own sdist), NextN kept."""
+"""safetensors -> BF16 GGUF with the pinned llama.cpp converter (from the toolchain's own sdist), NextN kept, run by
+the python of its own environment in the cache (torch, transformers), never the user's."""
 
 from __future__ import annotations
 
@@ -261,7 +262,7 @@ def _create_environment(root: Path, key: str, progress: ProgressFn, log_path: Pa
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", *REQUIREMENTS]
     steps = [([sys.executable, "-m", "venv", root], "python -m venv {how}", VENV_HINT),
              (pip, f"pip could not install {' '.join(REQUIREMENTS)} (pip {{how}})", ENV_HINT),
-             ([python, "-c", INSTALLED], "listing its packages {how}", "read the log")]
+             ([python, "-I", "-c", INSTALLED], "listing its packages {how}", "read the log")]  # -I: not the cwd's
     progress(label, 0, len(steps))
     try:
         for i, (argv, what, hint) in enumerate(steps, 1):
@@ -301,7 +302,8 @@ def convert_checkpoint(model_dir: Path, inputs: dict[str, str], name: str, *, pr
                        sdist: Path | None = None, force: bool = False) -> Conversion:
     """Convert the checkpoint in `model_dir` (`inputs`: file name -> sha256) to `<name>-BF16.gguf` in the cache.
 
-    The same inputs, converter and arguments give the cached file back without running anything.
+    The same inputs, converter, arguments and environment give the cached file back without running anything; else
+    the converter's environment is made first if this machine has none yet.
     """
     model_dir = Path(model_dir)
     conv = unpack_converter(sdist, log_path)

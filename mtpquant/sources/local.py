@@ -12,7 +12,8 @@ class LocalPath:
     kind = "path"
 
     def fetch(self, recipe: Recipe, run: RunDir, previous: dict, progress: ProgressFn) -> Fetched:
-        return Fetched(recipe.source.path, {"kind": self.kind, "path": str(recipe.source.path)}, {})
+        # the receipt's location says where it lay on this machine; what is published names it only
+        return Fetched(recipe.source.path, {"kind": self.kind, "path": recipe.source.path.name}, {})
 
     def base_model(self, provenance: dict, named: str | None) -> tuple[str | None, str]:
         if named:

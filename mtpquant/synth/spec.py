@@ -74,7 +74,7 @@ class SynthSpec:
     ff: int = 512  # qwen35 (dense) only
     nextn_layers: int = 1
     vocab_size: int | None = None  # None: exactly the tokenizer's size; more rows are padding tokens
-    context_length: int = 4096
+    context_length: int = 262144  # Qwen3.6's trained context, so a context sweep to 128k can run
     rms_eps: float = 1e-6
     rope_theta: float = 10_000_000.0
     seed: int = 0

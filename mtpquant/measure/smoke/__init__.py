@@ -10,7 +10,8 @@ on the CI's lower bound at a fixed k). Figures (per category and overall):
   speedup      = geometric mean over units of MTP tok/s / vanilla tok/s for the same prompt and seed
 
 suite: the prompts; requests: bodies and one timed request; stats: figures and CIs; aggregate: the figures of a
-run; context: the long-context sweep; run: one model; gates: the recipe's gates; run_dir: every model of a run.
+run; context: the context-length sweep (longtext: its long prompts); run: one model; gates: the recipe's
+gates; run_dir: every model of a run.
 """
 
 from mtpquant.core.rundir import Artifact

@@ -16,7 +16,7 @@ from mtpquant.core.progress import ProgressFn, no_progress
 from mtpquant.llamacpp.server import LlamaServer, Placement
 from mtpquant.llamacpp.toolchain import Toolchain
 from mtpquant.measure.smoke.aggregate import summarize, timed
-from mtpquant.measure.smoke.context import MakeServer, context_sweep
+from mtpquant.measure.smoke.context import MakeServer, check_context, context_sweep, sweep_requests
 from mtpquant.measure.smoke.requests import (
     CHAT,
     MODES,
@@ -89,7 +89,8 @@ def smoke_model(tc: Toolchain, gguf: Path, spec: SmokeSpec, log_dir: Path, progr
     modes = ["chat", "raw"] if spec.raw else ["chat"]
     reqs = build_requests(prompts, seeds, spec.max_tokens, spec.raw)
     arms = [("vanilla", None)] + [(f"k{k}", k) for k in ks]
-    total = (len(reqs) + spec.warmup) * len(arms) + 2 * len(spec.context_sweep)
+    trained = check_context(gguf, spec)  # before any server starts
+    total = (len(reqs) + spec.warmup) * len(arms) + sweep_requests(spec)
     ticker = _Progress(progress, f"smoke {gguf.name}", total)
     make = _server_factory(tc, gguf, spec, Path(log_dir), log_prefix or f"smoke-{gguf.stem}", server_args, mtp_args,
                            start_timeout, request_timeout)
@@ -123,7 +124,7 @@ def smoke_model(tc: Toolchain, gguf: Path, spec: SmokeSpec, log_dir: Path, progr
     if spec.raw and best is not None:
         result["chat_vs_raw"] = _chat_vs_raw(results, modes, best)
     if spec.context_sweep:
-        result["context_sweep"] = context_sweep(make, spec, best, seeds[0], server_recs, ticker.tick)
+        result["context_sweep"] = context_sweep(make, spec, best, seeds[0], ticker.tick, trained)
     result["seconds"] = round(time.monotonic() - started, 3)
     ticker.finish()
     return result

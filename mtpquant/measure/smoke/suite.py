@@ -10,6 +10,7 @@ from pathlib import Path
 from mtpquant.core.errors import UsageError
 from mtpquant.core.files import sha256_bytes, sha256_file
 from mtpquant.core.paths import DATA_DIR
+from mtpquant.recipe.checker import file_problem
 
 SUITE_PATH = DATA_DIR / "prompts" / "suite-v1.jsonl"
 CATEGORIES = ("code", "math", "general")
@@ -36,6 +37,8 @@ class Prompt:
 def load_suite(path: Path | None = None) -> list[Prompt]:
     """Read a JSONL prompt suite ({"id", "category", "messages", "prompt"} per line); every problem at once."""
     path = Path(path) if path is not None else SUITE_PATH
+    if path.exists() and (problem := file_problem(path, text=True)):
+        raise UsageError(f"{path}{problem}", "give a JSONL prompt suite saved as UTF-8")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:

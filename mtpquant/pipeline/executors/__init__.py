@@ -21,3 +21,16 @@ def engine(name: str):
             raise UsageError(f"--executor {name} needs {exc.name}, which is not installed",
                              f"pip install 'mtpquant[{EXTRAS[name]}]'") from None
         raise
+
+
+def create(name: str, *, ray_address: str | None = None, overlap: bool = False, reserve: int | None = None):
+    """The executor `mtpquant build --executor NAME` runs with; one line for options that do not fit it."""
+    if name not in ENGINES:
+        raise UsageError(f"--executor {name}: no such executor", f"choose one of {', '.join(sorted(ENGINES))}")
+    if ray_address and name != "ray":
+        raise UsageError("--ray-address is for --executor ray", "add --executor ray, or drop --ray-address")
+    if overlap and name != "local":
+        raise UsageError(f"--overlap is for --executor local ({name} places tasks by their declared resources)",
+                         "drop --overlap")
+    module = engine(name)
+    return module.Executor(ray_address) if name == "ray" else module.Executor(overlap=overlap, reserve=reserve)

@@ -94,6 +94,7 @@ class NodeNeeds:
     hash_cache: dict  # core.files.stat_key -> sha256, from the source receipt: an unchanged file is not re-read
     toolchain: dict  # the driver's Toolchain.describe()
     mtpquant: str
+    gpus: int = 0  # what the GPU steps ask for, each: some node must have as many
 
 
 class Executor(Protocol):
@@ -101,6 +102,7 @@ class Executor(Protocol):
 
     name: str
     remote: bool  # tasks run on other machines, which check_nodes asks first
+    records: list[TaskRecord]  # every task it ran, in the order they finished
 
     def check_nodes(self, needs: NodeNeeds, progress: ProgressFn) -> list[dict]:
         """Every node's answer to `needs`, or one clear line (UsageError) naming a node that cannot run tasks."""

@@ -13,16 +13,34 @@ import time
 from functools import partial
 from pathlib import Path
 
-from mtpquant.core.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError, UsageError
 from mtpquant.core.progress import ProgressFn
-from mtpquant.llamacpp.imatrix import ImatrixResult, compute_args, compute_imatrix, merge_args, merge_imatrix
+from mtpquant.llamacpp.imatrix import (
+    ImatrixResult,
+    chunk_ranges,
+    compute_args,
+    compute_imatrix,
+    merge_args,
+    merge_imatrix,
+)
 from mtpquant.pipeline.executors.base import Executor, Task
 from mtpquant.pipeline.plan import Plan
+from mtpquant.recipe import Recipe
 
 PARTS = "imatrix-parts"  # under work/
 MERGE_NOTE = ("llama-imatrix --in-file adds the parts' float32 sums and counts; a single pass adds the same "
               "activations in another order, so the merged file equals a single pass within float rounding, not "
               "bit for bit (counts are equal), and variants quantized with it may differ in bytes")
+
+
+def check_parts(recipe: Recipe, parts: int) -> list[tuple[int, int]]:
+    """The chunk ranges of `--imatrix-parts`, checked before anything is written; [] for a single pass."""
+    if parts <= 1:
+        return []
+    if recipe.imatrix.kind != "compute":
+        raise UsageError(f"--imatrix-parts {parts}: the recipe computes no imatrix (imatrix.{recipe.imatrix.kind})",
+                         "drop --imatrix-parts, or give the recipe imatrix.compute")
+    return chunk_ranges(recipe.imatrix.chunks, parts)
 
 
 def map_reduce(plan: Plan, ranges: list[tuple[int, int]], ex: Executor,

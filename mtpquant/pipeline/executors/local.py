@@ -18,6 +18,7 @@ from mtpquant.pipeline.executors.base import (
     NodeNeeds,
     Outcome,
     Task,
+    TaskRecord,
     check_order,
     cpu_set,
     record,
@@ -34,6 +35,7 @@ class Executor:
 
     def __init__(self, overlap: bool = False, reserve: int | None = None):
         self.overlap = overlap
+        self.records: list[TaskRecord] = []  # every task run, in the order they finished
         self.lanes: dict[str, list[int]] = {}
         if overlap:
             cpus = cpu_set()
@@ -51,9 +53,9 @@ class Executor:
     def run(self, tasks: Sequence[Task], progress: ProgressFn,
             on_done: Callable[[str, Any], None] | None = None) -> dict[str, Outcome]:
         check_order(tasks)
-        if not self.overlap:
-            return self._in_order(tasks, progress, on_done)
-        return self._lanes(tasks, progress, on_done)
+        out = self._lanes(tasks, progress, on_done) if self.overlap else self._in_order(tasks, progress, on_done)
+        self.records += [o.record for o in out.values()]
+        return out
 
     def close(self) -> None:
         return None
@@ -93,7 +95,7 @@ class Executor:
                 started = time.time()
                 try:
                     value = task.work(forward, *[values[a] for a in task.after])
-                except BaseException as exc:  # handed to the driver thread, which raises it
+                except Exception as exc:  # noqa: BLE001 -- handed to the driver thread, which raises it
                     failed.set()
                     events.put(("error", exc))
                     return

@@ -72,7 +72,8 @@ def record_concurrency(plan: Plan, schedule: Schedule, results: list) -> None:
         if ran:
             r = plan.run.read(SmokeReceipt, tag)
             rec = next(x for x in schedule.records if x.name == f"smoke:{tag}")
-            plan.run.write(dataclasses.replace(r, concurrent={**schedule.executor, "ran": rec.to_json(),
+            engine = {k: v for k, v in schedule.executor.items() if k != "nodes"}  # the nodes: in the manifest
+            plan.run.write(dataclasses.replace(r, concurrent={**engine, "ran": rec.to_json(),
                                                               "during": schedule.during(rec.name)}), tag)
 
 

@@ -20,26 +20,32 @@ from mtpquant.llamacpp.toolchain import BuildConfig, install, toolchain_dir
 from mtpquant.pipeline.executors.base import NodeNeeds
 
 PROBE = ".nodes-probe"
+SAME_BUILD = ("package", "llama_cpp_commit", "sdist_sha256", "cmake_flags", "compiler", "machine")
 
 
-def needs_of(run: RunDir, source: Path, files: dict[str, str], toolchain: dict) -> NodeNeeds:
+def needs_of(run: RunDir, source: Path, files: dict[str, str], toolchain: dict, gpus: int = 0) -> NodeNeeds:
     """What every node must see for this run; writes the probe file the nodes read back."""
     token = uuid.uuid4().hex
     write_text_atomic(run.work / PROBE, token)
     receipt = run.read(SourceReceipt, stale_ok=True)
     shards = {Path(source).absolute().parent / name: sha for name, sha in files.items()}
     return NodeNeeds(run.root, f"work/{PROBE}", token, shards, receipt.hash_cache if receipt else {}, toolchain,
-                     __version__)
+                     __version__, gpus)
 
 
-def check_here(needs: NodeNeeds, build: bool = True, progress: ProgressFn = no_progress) -> list[str]:
-    """Every reason this machine cannot run the build's tasks ([] when it can)."""
+def check_here(needs: NodeNeeds, build: bool = True, progress: ProgressFn = no_progress) -> tuple[list[str], dict]:
+    """(every reason this machine cannot run the build's tasks, [] when it can; the sha256 of its binaries)."""
     if __version__ != needs.mtpquant:
-        return [f"runs mtpquant {__version__}, the driver {needs.mtpquant} (install the same mtpquant on every node)"]
+        return [f"runs mtpquant {__version__}, the driver {needs.mtpquant}: install the same mtpquant everywhere"], {}
     problems = _storage(needs)
     if problems:
-        return problems
-    return _source(needs) + _toolchain(needs.toolchain, build, progress)
+        return problems, {}
+    problems = _source(needs) + _toolchain(needs.toolchain, build, progress)
+    return problems, _binaries(Path(needs.toolchain.get("bin_dir", "")), needs.toolchain) if not problems else {}
+
+
+def _binaries(bin_dir: Path, ident: dict) -> dict[str, str]:
+    return {name: sha256_file(bin_dir / name) for name in sorted(ident.get("binaries") or {"llama-quantize": {}})}
 
 
 def _storage(needs: NodeNeeds) -> list[str]:
@@ -47,11 +53,11 @@ def _storage(needs: NodeNeeds) -> list[str]:
     try:
         seen = probe.read_text(encoding="utf-8")
     except OSError:
-        return [f"does not see the run directory {needs.run_root} (put it on storage every node mounts at the "
-                f"same path)"]
+        return [(f"does not see the run directory {needs.run_root} (put it on storage every node mounts at the "
+                 f"same path)")]
     if seen != needs.token:
-        return [f"sees another {needs.run_root} than the driver's (a local folder of the same name?): put the run "
-                f"directory on storage every node mounts at the same path"]
+        return [(f"sees another {needs.run_root} than the driver's (a local folder of the same name?): put the "
+                 f"run directory on storage every node mounts at the same path")]
     try:
         fd, name = tempfile.mkstemp(prefix=".node-write-", dir=needs.run_root)
         os.close(fd)
@@ -68,8 +74,8 @@ def _source(needs: NodeNeeds) -> list[str]:
         # the driver's hash of the same file (same real path, size and mtime on shared storage) is not re-read
         seen = needs.hash_cache.get(stat_key(path)) or sha256_file(path)
         if seen != sha:
-            return [f"sees {path} with sha256 {seen[:12]}..., the plan has {sha[:12]}... (a different copy of the "
-                    f"source: put one copy on shared storage)"]
+            return [(f"sees {path} with sha256 {seen[:12]}..., the plan has {sha[:12]}... (a different copy of "
+                     f"the source: put one copy on shared storage)")]
     return []
 
 
@@ -80,14 +86,17 @@ def _toolchain(ident: dict, build: bool, progress: ProgressFn) -> list[str]:
         return []
     config = _build_config(ident)
     if not build or config is None or toolchain_dir(config) != bin_dir.parent:
-        return [f"{wrong}, and it cannot build the driver's toolchain at the same path (install the pinned "
-                f"llama.cpp there: mtpquant toolchain install, with the same cache folder as the driver)"]
+        return [(f"{wrong}, and it cannot build the driver's toolchain at the same path (install the pinned "
+                 f"llama.cpp there: mtpquant toolchain install, with the same cache folder as the driver)")]
     try:
-        install(config, progress)
+        built = install(config, progress).identity
     except MtpquantError as exc:
         return [f"{wrong}; building it here failed: {exc.one_line()}"]
-    wrong = _wrong_binary(bin_dir, ident)
-    return [f"built the pinned llama.cpp, but {wrong} (its compiler differs from the driver's)"] if wrong else []
+    # Two builds of the same sdist differ in bytes (build paths are compiled in), so a node's own build is taken
+    # when it is the same source, flags and compiler; the manifest's node list records its binaries.
+    differs = [k for k in SAME_BUILD if built.get(k) != ident.get(k)]
+    why = f"built the pinned llama.cpp here, but its {', '.join(differs)} differ from the driver's build"
+    return [f"{why} (share the driver's cache folder with this node)"] if differs else []
 
 
 def _wrong_binary(bin_dir: Path, ident: dict) -> str | None:

@@ -7,6 +7,7 @@ import json
 
 from mtpquant.core.errors import VerifyError
 from mtpquant.measure import draft_head as dh
+from mtpquant.measure.smoke import acceptance
 from mtpquant.report.audit.state import Audit, need
 
 PREFIX = "draft-head-"
@@ -32,7 +33,7 @@ def _check_study(audit: Audit, tag: str, r: dict, q: dict, where: str) -> None:
     ref_counts = need(need(ref, "measured", where), "per_prompt", where)
     for arm, label in [(ref, "reference"), *((c, f"candidates[{i}]") for i, c in enumerate(candidates))]:
         counts = need(need(arm, "measured", where), "per_prompt", where)
-        _same(where, f"{label}.acceptance", arm.get("acceptance"), dh.acceptance(counts))
+        _same(where, f"{label}.acceptance", arm.get("acceptance"), acceptance.acceptance(counts))
         if label != "reference":
             loss = dh.paired_loss(ref_counts, counts)
             _same(where, f"{label}.loss_pp", arm.get("loss_pp"), loss)
@@ -41,7 +42,7 @@ def _check_study(audit: Audit, tag: str, r: dict, q: dict, where: str) -> None:
     for i, a in enumerate((r.get("unweighted") or {}).get("arms") or []):
         counts = need(need(a, "measured", where), "per_prompt", where)
         label = f"unweighted.arms[{i}]"
-        _same(where, f"{label}.acceptance", a.get("acceptance"), dh.acceptance(counts))
+        _same(where, f"{label}.acceptance", a.get("acceptance"), acceptance.acceptance(counts))
         _same(where, f"{label}.loss_pp", a.get("loss_pp"), dh.paired_loss(ref_counts, counts))
         w = calibrated.get(a.get("type"))
         if w is None:

@@ -44,7 +44,7 @@ def _check_smoke(audit: Audit, tag: str, s: dict, q: dict) -> None:
     settings = need(s, "settings", where)
     results = need(s, "results", where)
     derived = jsonable(smoke.summarize(need(s, "runs", where), settings["draft_n_max"], settings["seeds"],
-                                       list(results)))
+                                       list(results), s.get("split")))
     path_, a, b = first_diff(_shown_smoke(results), _shown_smoke(derived), "results")
     if path_ is not None:
         raise VerifyError(f"{where}: {path_} is {json.dumps(a)}, its own runs give {json.dumps(b)}",
@@ -54,7 +54,7 @@ def _check_smoke(audit: Audit, tag: str, s: dict, q: dict) -> None:
         raise VerifyError(f"{where}: best_k is {s.get('best_k')}, its own runs give {best}")
     if best is not None:
         head = need(s, "headline", where)
-        g = derived["chat"]["k"][str(best)]["overall"]
+        g = derived["chat"]["best"] or derived["chat"]["k"][str(best)]["overall"]
         for key in SMOKE_SHOWN:
             if head.get(key) != g[key]:
                 raise VerifyError(f"{where}: headline.{key} is {json.dumps(head.get(key))}, its own runs give "

@@ -1,5 +1,6 @@
 """`verify --rebuild`: llama-quantize again from the recorded source, tensor-type overrides and imatrix, in a
-temporary folder laid out like the run, and the bytes compared with the artifact's."""
+temporary folder laid out like the run, and the bytes compared with the artifact's; what of the toolchain (commit,
+flags, compiler, CPU features, llama-quantize's sha256) differs from the one each receipt records is said too."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ IDENTITY_PARTS = (
     ("llama.cpp commit", lambda i: i.get("llama_cpp_commit")),
     ("CMake flags", lambda i: i.get("cmake_flags")),
     ("compiler", lambda i: i.get("compiler")),
-    ("CPU features", lambda i: (i.get("cpu") or {}).get("features") if i.get("cpu") else None),
+    ("CPU features", lambda i: (i.get("cpu") or {}).get("features")),
     ("llama-quantize sha256", lambda i: ((i.get("binaries") or {}).get("llama-quantize") or {}).get("sha256")),
 )
 
@@ -99,9 +100,13 @@ def toolchain_differences(recorded: dict, current: dict) -> tuple[str, ...]:
             if any(items for _, items in only):
                 out.append(f"{name}: " + ", ".join(w + " ".join(map(str, items)) for w, items in only if items))
         elif here != then:
-            out.append(f"{name}: {'not known' if here is None else here} here, "
-                       + ("none recorded" if then is None else f"{then} recorded"))
+            out.append(f"{name}: {'not known' if here is None else _shown(here)} here, "
+                       + ("none recorded" if then is None else f"{_shown(then)} recorded"))
     return tuple(out)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _find_source(run: RunDir, src: dict, quantize: list[dict], explicit: Path | None) -> Path:

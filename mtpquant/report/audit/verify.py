@@ -52,8 +52,8 @@ def verify_run(run_dir: Path, rebuild: bool = False, toolchain=None, source: Pat
     check_headers(audit, src, quantize)
     check_measurements(audit, receipts, quantize)
     check_head_studies(audit, receipts, quantize)
-    check_card(audit, receipts, src, quantize)
     check_gates(audit, receipts, allow_failed_gates)
+    check_card(audit, receipts, src, quantize)
     rebuilt: tuple[RebuildResult, ...] = ()
     if rebuild:
         if toolchain is None:

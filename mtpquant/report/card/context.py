@@ -14,6 +14,7 @@ from mtpquant.report.card.head import head_view
 from mtpquant.report.card.inputs import CARD_STEP, card_inputs
 from mtpquant.report.card.markdown import Md, md_text, shell_command
 from mtpquant.report.card.nodes import Node, load_receipts, receipt_sha256s
+from mtpquant.report.card.pays import pays_view
 from mtpquant.report.card.provenance import base_model, display_command, pinned_imatrix, published, toolchain_facts
 from mtpquant.report.card.runtimes import runtimes
 from mtpquant.report.card.smoke import claim, how_to_run, smoke_view, untested_run
@@ -102,6 +103,7 @@ def _variant(receipts: dict[str, Node], tag: str, source: Node) -> dict:
         "fit_grid": fit_grid(fit) if fit is not None else None,
         "smoke_view": smoke_view(receipts[f"smoke-{tag}.json"]) if f"smoke-{tag}.json" in receipts else None,
         "head": head_view(receipts[f"draft-head-{tag}.json"]) if f"draft-head-{tag}.json" in receipts else None,
+        "pays": pays_view(receipts[f"smoke-{tag}.json"], fit) if f"smoke-{tag}.json" in receipts else None,
     }
 
 

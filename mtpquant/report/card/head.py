@@ -7,8 +7,9 @@ from mtpquant.report.card.markdown import Md, fmt_num, fmt_pct, fmt_size, md_cod
 from mtpquant.report.card.nodes import Node
 
 SCOPE_TEXT = {"eh_proj": "`nextn.eh_proj`", "nextn_block": "every quantizable tensor of the NextN block"}
-REFERENCE_TEXT = {"Q8_0": "the head at Q8_0", "source": "the head at the source's own type"}
-OUTCOME_TEXT = {"chosen": "Chosen", "tie": "Chosen among equal sizes", "none": "No candidate qualified"}
+REFERENCE_TEXT = {"Q8_0": "the head at Q8_0", "source": "the head at the source's own type, {type}"}
+OUTCOME_TEXT = {"chosen": "Chosen", "tie": "Chosen among candidates of equal size",
+                "none": "No candidate qualified; the head keeps the reference type"}
 PATH_TEXT = {"collected": "collected (llama-imatrix ran the NextN block)", "pinned": "pinned to an imatrix-free type",
              "unweighted": "none (the imatrix has no NextN statistics)", "no imatrix": "none (no imatrix)"}
 HEADER = ("| Head type | Head size | File size | Acceptance | Loss (pp, 95% CI) | Qualifies | Quantize s | Measure s "
@@ -24,8 +25,8 @@ def head_view(r: Node) -> dict:
     method = Md(
         f"The draft head ({SCOPE_TEXT.get(s.need('scope'), md_text(s.need('scope')))}: {len(scope)} tensor(s)) was "
         f"quantized at each candidate type with the trunk of {md_text(r.need('variant_type'))} held identical, and "
-        f"compared with {md_text(REFERENCE_TEXT.get(s.need('reference'), s.need('reference')))} "
-        f"({md_text(ref.need('type'))}). MTP acceptance (accepted / drafted) at k={int(m.need('k'))} on "
+        f"compared with {md_text(REFERENCE_TEXT[s.need('reference')].format(type=ref.need('type')))}. "
+        f"MTP acceptance (accepted / drafted) at k={int(m.need('k'))} on "
         f"{len(m.need('prompts'))} prompt(s) of {md_code(m.need('suite').get('file') or 'an inline suite')}, "
         f"{int(m.need('max_tokens'))} greedy tokens each, {int(m.need('slots'))} server slot(s) answering at once "
         "(acceptance only: no speed is measured). Loss is the reference's acceptance minus the candidate's on the same "
@@ -35,14 +36,12 @@ def head_view(r: Node) -> dict:
         "the measuring server's time from start to stop (on a GPU, the GPU time per candidate); server CPU s its "
         "own CPU time.")
     lines = [HEADER, "|---|---|---|---|---|---|---|---|---|"]
-    for c in r.need("candidates"):
-        mark = " (reference)" if c.need("is_reference") else ""
-        sec = c.need("seconds")
-        lines.append(f"| {md_text(c.need('type'))}{mark} | {fmt_size(c.need('head_bytes'))} | "
-                     f"{fmt_size(c.need('bytes'))} | {_share(c.need('acceptance'))} | {_loss(c.need('loss_pp'))} | "
-                     f"{'yes' if c.need('qualifies') else 'no'} | {fmt_num(sec.need('quantize'), '.1f')} | "
-                     f"{fmt_num(sec.need('measure'), '.1f')} | "
-                     f"{_opt(sec.need('server_cpu'))} |")
+    candidates = r.need("candidates")
+    if not any(c.need("is_reference") for c in candidates):  # the reference is measured, not a candidate
+        lines.append(_row(ref, " (reference, not a candidate)", Md("–"), "–"))
+    for c in candidates:
+        lines.append(_row(c, " (reference)" if c.need("is_reference") else "", _loss(c.need("loss_pp")),
+                          "yes" if c.need("qualifies") else "no"))
     verdict = Md(f"{OUTCOME_TEXT.get(choice.need('outcome'), md_text(choice.need('outcome')))}: "
                  f"**{md_text(choice.need('type'))}**. {md_text(choice.need('why'))}. The published file holds the "
                  f"head at {md_text(choice.need('type'))} (policy rule from "
@@ -67,6 +66,13 @@ def _unweighted(u: Node | None) -> Md | None:
                      f"{_share(a.need('acceptance'))} | {_loss(a.need('vs_calibrated_pp'))} | "
                      f"{'yes' if a.need('qualifies') else 'no'} |")
     return Md("\n".join(lines))
+
+
+def _row(arm: Node, mark: str, loss: Md, qualifies: str) -> str:
+    sec = arm.need("seconds")
+    return (f"| {md_text(arm.need('type'))}{mark} | {fmt_size(arm.need('head_bytes'))} | {fmt_size(arm.need('bytes'))} "
+            f"| {_share(arm.need('acceptance'))} | {loss} | {qualifies} | {fmt_num(sec.need('quantize'), '.1f')} | "
+            f"{fmt_num(sec.need('measure'), '.1f')} | {_opt(sec.need('server_cpu'))} |")
 
 
 def _share(x) -> Md:

@@ -34,7 +34,7 @@ def smoke_view(s: Node) -> dict:
         "build": _build_line(s),
         "drift": drift_line(s),
     }
-    if "chat_vs_raw" in s:
+    if s.get("chat_vs_raw"):
         cvr = s["chat_vs_raw"]
         view["raw"] = {"k": cvr.need("k"), "chat": cvr.need("chat"), "raw": cvr.need("raw")}
     return view

@@ -26,7 +26,7 @@ from huggingface_hub.utils import (
 from mtpquant import __version__
 from mtpquant.core.errors import MtpquantError, PublishError, UsageError
 from mtpquant.core.progress import ProgressFn
-from mtpquant.hub.client import first_line, is_network_error, server_message
+from mtpquant.hub.client import bound_requests, first_line, is_network_error, server_message
 from mtpquant.report.publish.plan import PlannedFile
 
 TOKEN_HINT = "set HF_TOKEN or run `hf auth login` with a token that can write to {owner}"
@@ -74,6 +74,7 @@ class Hub:
         self.api = HfApi(endpoint=self.endpoint, token=self._token, library_name="mtpquant",
                          library_version=__version__)
         self.sent = False  # whether a blob may have reached the hub (then a failure leaves no commit, not nothing)
+        self.timeout = bound_requests()  # a hub that takes the connection and never answers fails, not hangs
 
     @property
     def has_token(self) -> bool:
@@ -90,7 +91,8 @@ class Hub:
         """What the repo holds at `revision` (default: main); None when it does not exist yet."""
         try:
             info = self._call("list the repo", self.api.model_info, self.repo, revision=revision,
-                              files_metadata=True, _raise=(hf_errors.RepositoryNotFoundError,))
+                              files_metadata=True, timeout=self.timeout,
+                              _raise=(hf_errors.RepositoryNotFoundError,))
         except hf_errors.RepositoryNotFoundError:
             return None
         files = {s.rfilename: RemoteFile(int(s.lfs.size if s.lfs else s.size or 0), s.lfs.sha256 if s.lfs else None,

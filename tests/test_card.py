@@ -130,7 +130,7 @@ def test_card_values_come_from_the_receipts(runs):
     assert json.dumps(body, indent=2, ensure_ascii=False) in text
     assert "speculative" not in json.dumps(body)  # per-request speculative fields are ignored by the server
     e = receipt(run, "eval-Q8_0.json")
-    assert f"| Q8_0 | {e['kld_mean']:.6f} ± {e['kld_mean_err']:.6f} |" in text
+    assert f"| Q8_0 | {e['stats']['kld_mean']:.6f} ± {e['stats']['kld_mean_err']:.6f} |" in text
     assert "- MTP acceptance and speedup in llama-server (no smoke receipt): not measured for Q8_0." in text
     assert "### GPU memory fit (estimate)" in text
 

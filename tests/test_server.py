@@ -80,8 +80,8 @@ def test_lifecycle_with_mtp(toolchain, models, tmp_path):
         # /props never shows MTP (only sampling settings are copied), which is why /slots is the check
         assert s.get("/props")["default_generation_settings"]["params"]["speculative.types"] == "none"
         assert s.record_argv() == ["llama-server", "-m", "tiny-BF16.gguf", "--host", "127.0.0.1", "--port",
-                                   str(s.port), "-c", "512", "-np", "1", "--metrics", "--no-webui", "-t", "1",
-                                   "--spec-type", "draft-mtp", "--spec-draft-n-max", "2"]
+                                   str(s.port), "-c", "512", "-np", "1", "--metrics", "--no-webui", "-lv", "4", "-t",
+                                   "1", "-fit", "off", "--spec-type", "draft-mtp", "--spec-draft-n-max", "2"]
         assert "spec_decode_num_drafts_total" in s.metrics()
     assert s.proc is None and gone(pid)
     text = log.read_text()

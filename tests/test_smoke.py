@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +362,14 @@ def test_cli_bad_inputs(tmp_path):
     res = runner.invoke(smoke_cmd, [str(tmp_path / "nope.gguf")])
     assert isinstance(res.exception, UsageError)
     assert res.exception.message == f"{tmp_path / 'nope.gguf'}: no such GGUF file or run directory"
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)  # named, never opened: opening it would block
+    proc = subprocess.run([sys.executable, "-m", "mtpquant", "smoke", str(fifo)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"error: {fifo} is a FIFO (named pipe), not a GGUF file or run directory "
+                           "(give a GGUF file or a run directory)\n")
+    fifo.unlink()
     res = runner.invoke(smoke_cmd, [str(tmp_path), "--k", "0"])
     assert res.exit_code == 2 and "expected distinct positive integers, got '0'" in res.output
     res = runner.invoke(smoke_cmd, [str(tmp_path)])

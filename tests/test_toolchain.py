@@ -62,6 +62,14 @@ def test_option_must_be_a_folder(tmp_path):
                                    "(give the folder that holds llama-quantize, llama-server, ...)")
 
 
+def test_relative_folder_is_made_absolute(tmp_path, monkeypatch):
+    # tools run with the run directory as their working directory, so `--llama-cpp bin` must not stay relative
+    fake_tool(tmp_path / "bin", "llama-quantize")
+    monkeypatch.chdir(tmp_path)
+    tc = tcm.locate(Path("bin"))
+    assert tc.bin_dir == tmp_path / "bin" and tc.bin_dir.is_absolute()
+
+
 def test_missing_tool_named(tmp_path):
     fake_tool(tmp_path, "llama-quantize")
     tc = tcm.locate(tmp_path)

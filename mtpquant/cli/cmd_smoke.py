@@ -15,6 +15,7 @@ from mtpquant.core.receipts import SmokeReceipt
 from mtpquant.core.rundir import RunDir
 from mtpquant.measure import smoke as sm
 from mtpquant.recipe import SmokeSpec
+from mtpquant.recipe.checker import file_kind
 from mtpquant.report.card.pays import METHOD as SWEEP_METHOD
 from mtpquant.report.card.pays import analyse, recommendation
 
@@ -63,6 +64,9 @@ def smoke(target, ks, seeds, prompts, max_tokens, raw, context, context_docs, co
         spec, spec_source = sm.run_spec(run)
     elif target.is_file():
         run, artifacts, spec, spec_source = None, None, SmokeSpec(enabled=True), "defaults"
+    elif target.exists():  # a FIFO, a device, a socket: named, never opened
+        raise UsageError(f"{target} is {file_kind(target)}, not a GGUF file or run directory",
+                         "give a GGUF file or a run directory")
     else:
         raise UsageError(f"{target}: no such GGUF file or run directory")
     overrides = {k: v for k, v in (("draft_n_max", ks), ("seeds", seeds), ("prompts", prompts),

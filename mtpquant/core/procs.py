@@ -117,18 +117,19 @@ def run_tool(
                     on_line(line)
         stream.close()
 
+    threads: list[threading.Thread] = []
+    timed_out = False
     try:
         proc = spawn(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=cwd,
                      env=env, bufsize=1)
     except FileNotFoundError as exc:
         log.close()
         raise ToolError(args, "could not be started (not found)", log_path, str(exc), hint) from None
-    threads = [threading.Thread(target=pump, args=(proc.stdout, True), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, False), daemon=True)]
-    for t in threads:
-        t.start()
-    timed_out = False
-    try:
+    try:  # from the moment the child exists: a signal while the readers start must stop it too
+        threads += [threading.Thread(target=pump, args=(proc.stdout, True), daemon=True),
+                    threading.Thread(target=pump, args=(proc.stderr, False), daemon=True)]
+        for t in threads:
+            t.start()
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
@@ -138,7 +139,8 @@ def run_tool(
         raise
     finally:
         for t in threads:
-            t.join(timeout=5)
+            if t.ident is not None:  # started
+                t.join(timeout=5)
         log.write(f"# {describe_exit(proc.returncode, timed_out)}\n")
         log.close()
     log.check()  # a log that could not be written (a full disk) is the first thing to say

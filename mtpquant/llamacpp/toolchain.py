@@ -166,6 +166,7 @@ def locate(explicit: Path | None = None, config: BuildConfig | None = None) -> T
 
 
 def _from_dir(folder: Path, source: str, named_by: str) -> Toolchain:
+    folder = folder.expanduser().absolute()  # tools run with the run directory as their working directory
     if not folder.is_dir():
         raise ToolchainError(f"{named_by} points at {folder}, which is not a folder",
                              "give the folder that holds llama-quantize, llama-server, ...")

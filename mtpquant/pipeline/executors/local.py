@@ -43,6 +43,7 @@ class Executor:
             self.lanes = {GPU: gpu_cpus, CPU: cpu_cpus}
 
     def describe(self) -> dict:
+        """The engine, its mode and, overlapping, each lane's CPUs."""
         return {"executor": self.name, "mode": "overlap" if self.overlap else "sequential", "node": this_node(),
                 **({"lanes": self.lanes} if self.overlap else {})}
 
@@ -58,7 +59,7 @@ class Executor:
         return out
 
     def close(self) -> None:
-        return None
+        """Nothing to let go of."""
 
     def _in_order(self, tasks: Sequence[Task], progress: ProgressFn,
                   on_done: Callable[[str, Any], None] | None) -> dict[str, Outcome]:

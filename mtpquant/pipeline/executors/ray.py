@@ -40,12 +40,15 @@ class ProgressHub:
         self.starts: dict[str, list] = {}
 
     def report(self, label: str, done: int, total: int) -> None:
+        """A worker's progress line."""
         self.events.append((label, done, total))
 
     def started(self, name: str, node: str, pid: int, at: float) -> None:
+        """A task attempt began (a retried task starts more than once)."""
         self.starts.setdefault(name, []).append({"node": node, "pid": pid, "at": at})
 
     def drain(self) -> tuple[list, dict]:
+        """The progress lines since the last drain, and every start so far."""
         events, self.events = self.events, []
         return events, self.starts
 
@@ -124,6 +127,7 @@ class Executor:
         self.records: list[TaskRecord] = []  # every task run, in the order they finished
 
     def describe(self) -> dict:
+        """The engine, the cluster's address and each node (with its binaries once checked)."""
         return {"executor": self.name, "address": self.address, "max_retries": self.max_retries,
                 "nodes": self.checked or [{"node": f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}",
                                            "resources": _resources(n)} for n in self.nodes]}
@@ -186,6 +190,7 @@ class Executor:
         return out
 
     def close(self) -> None:
+        """Disconnect this driver; the cluster stays up."""
         ray.shutdown()
 
     def _resources_for(self, task: Task) -> tuple[float, float]:

@@ -1,6 +1,31 @@
 """Small helpers shared by test modules."""
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from mtpquant import recipe as rcp
+from mtpquant.core.rundir import RunDir
+from mtpquant.pipeline import build as pipeline
+
+SMALL_RECIPE = "name: small\nsource: {synthetic: {seed: 3}}\nvariants: [{type: Q8_0}]\n"
+
+
+def gone_within(busy: Callable[[], bool], grace: float = 10) -> bool:
+    """True once `busy()` turns false within `grace` seconds, polling every 50 ms; False if it never does."""
+    deadline = time.monotonic() + grace
+    while busy():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def build_small_run(folder: Path, toolchain) -> RunDir:
+    """Build SMALL_RECIPE (one Q8_0 variant of a synthetic model) into folder/out and return its RunDir."""
+    (folder / "r.yaml").write_text(SMALL_RECIPE)
+    pipeline.build(rcp.load(folder / "r.yaml"), folder / "out", toolchain)
+    return RunDir((folder / "out").resolve())
 
 
 def flip_byte(path: Path, offset: int) -> None:

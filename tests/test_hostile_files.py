@@ -101,6 +101,17 @@ def _special(tmp_path: Path, kind: str, name: str) -> Path:
     return p
 
 
+def _unreadable_text(tmp_path: Path, kind: str, name: str, latin: bytes) -> tuple[Path, str]:
+    """A path of `kind` that cannot be read as UTF-8 text ("not UTF-8": a file holding `latin`, whose one non-ASCII
+    byte is the bad one), and the words the refusal puts after the path."""
+    if kind == "not UTF-8":
+        p = tmp_path / name
+        p.write_bytes(latin)
+        return p, f": not UTF-8 (byte {next(i for i, b in enumerate(latin) if b > 0x7F)})"
+    what = {"folder": "a directory", "FIFO": "a FIFO (named pipe)", "device": "a character device"}[kind]
+    return _special(tmp_path, kind, name), f" is {what}, not a regular file"
+
+
 @pytest.mark.parametrize("kind", ["folder", "FIFO", "device"])
 def test_inspect_refuses_what_is_not_a_file(tmp_path, kind):
     p = _special(tmp_path, kind, "model.gguf")
@@ -131,15 +142,7 @@ def test_recipe_naming_a_fifo_corpus_and_a_folder_source(tmp_path):
 
 @pytest.mark.parametrize("kind", ["folder", "FIFO", "device", "not UTF-8"])
 def test_eval_text_that_cannot_be_read_as_text(small_run, tmp_path, kind):
-    if kind == "not UTF-8":
-        p = tmp_path / "latin1.txt"
-        data = "Größe und Gewicht\n".encode("latin-1")
-        p.write_bytes(data)
-        why = f": not UTF-8 (byte {data.index(0xF6)})"
-    else:
-        p = _special(tmp_path, kind, "text.txt")
-        why = {"folder": " is a directory", "FIFO": " is a FIFO (named pipe)", "device": " is a character device"}[
-            kind] + ", not a regular file"
+    p, why = _unreadable_text(tmp_path, kind, "text.txt", "Größe und Gewicht\n".encode("latin-1"))
     run = copy_run(small_run, tmp_path / "run")
     before = snapshot(run.root)
     res = cli(["eval", str(run.root), "--text", str(p)])
@@ -149,15 +152,7 @@ def test_eval_text_that_cannot_be_read_as_text(small_run, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["folder", "FIFO", "device", "not UTF-8"])
 def test_prompt_suite_that_cannot_be_read_as_text(tmp_path, kind):
-    if kind == "not UTF-8":
-        p = tmp_path / "suite.jsonl"
-        data = b'{"id": "a", "category": "code", "prompt": "\xe9"}\n'
-        p.write_bytes(data)
-        why = f": not UTF-8 (byte {data.index(0xE9)})"
-    else:
-        p = _special(tmp_path, kind, "suite.jsonl")
-        why = {"folder": " is a directory", "FIFO": " is a FIFO (named pipe)", "device": " is a character device"}[
-            kind] + ", not a regular file"
+    p, why = _unreadable_text(tmp_path, kind, "suite.jsonl", b'{"id": "a", "category": "code", "prompt": "\xe9"}\n')
     with pytest.raises(UsageError) as ei:
         load_suite(p)
     assert ei.value.one_line() == f"{p}{why} (give a JSONL prompt suite saved as UTF-8)"

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import build_small_run
 from huggingface_hub.utils import _http as hf_http
 
-from mtpquant import recipe as rcp
 from mtpquant.cli import main
 from mtpquant.core.rundir import RunDir
-from mtpquant.pipeline import build as pipeline
 
 HF_RECIPE = "name: t\nsource: {hf: {repo: someone/model, revision: main, files: model-BF16.gguf}}\n" \
             "variants: [{type: Q4_K_M}]\n"
@@ -114,10 +113,7 @@ def test_timeout_setting_that_is_not_a_number(silent, tmp_path):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, toolchain) -> RunDir:
-    folder = tmp_path_factory.mktemp("silent-publish")
-    (folder / "r.yaml").write_text("name: small\nsource: {synthetic: {seed: 3}}\nvariants: [{type: Q8_0}]\n")
-    pipeline.build(rcp.load(folder / "r.yaml"), folder / "out", toolchain)
-    return RunDir((folder / "out").resolve())
+    return build_small_run(tmp_path_factory.mktemp("silent-publish"), toolchain)
 
 
 @pytest.mark.parametrize("dry_run", [False, True])

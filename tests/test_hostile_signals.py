@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import build_small_run, gone_within
 
-from mtpquant import recipe as rcp
 from mtpquant import synth
 from mtpquant.core.rundir import RunDir
-from mtpquant.pipeline import build as pipeline
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
 INTERRUPTED = "interrupted; nothing half-written was kept"
@@ -48,12 +47,7 @@ def listening(port: int) -> bool:
 
 def closed(port: int, grace: float = 10) -> bool:
     """The port stops accepting within `grace` seconds (a dying process closes its sockets last)."""
-    deadline = time.monotonic() + grace
-    while listening(port):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return gone_within(lambda: listening(port), grace)
 
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
@@ -84,12 +78,7 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
 
 
 def none_left(name: str, grace: float = 10) -> bool:
-    deadline = time.monotonic() + grace
-    while tagged(name):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return gone_within(lambda: tagged(name), grace)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -117,10 +106,7 @@ def slow_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, toolchain) -> RunDir:
-    folder = tmp_path_factory.mktemp("signals-run")
-    (folder / "r.yaml").write_text("name: small\nsource: {synthetic: {seed: 3}}\nvariants: [{type: Q8_0}]\n")
-    pipeline.build(rcp.load(folder / "r.yaml"), folder / "out", toolchain)
-    return RunDir((folder / "out").resolve())
+    return build_small_run(tmp_path_factory.mktemp("signals-run"), toolchain)
 
 
 def _quantizing():

@@ -14,7 +14,8 @@ GPU_FIELDS = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max
               "power.limit", "power.default_limit", "pstate", "persistence_mode")
 
 
-def _proc_field(path: str, *names: str) -> str | None:
+def proc_field(path: str, *names: str) -> str | None:
+    """The first value of one of these `key: value` fields of a /proc file (None where it cannot be read)."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
@@ -51,10 +52,10 @@ def cuda_version() -> str | None:
 
 def describe() -> dict:
     """CPU model and cores, memory, OS, GPUs and CUDA: what a skeptic needs to place a speed figure."""
-    mem_kib = _proc_field("/proc/meminfo", "MemTotal")
+    mem_kib = proc_field("/proc/meminfo", "MemTotal")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": _proc_field("/proc/cpuinfo", "model name", "Model") or platform.processor() or platform.machine(),
+        "cpu": proc_field("/proc/cpuinfo", "model name", "Model") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "cores_usable": usable,
         "memory_gib": round(int(mem_kib.split()[0]) / (1 << 20), 1) if mem_kib else None,
         "os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mtpquant.core.errors import ToolchainError
 from mtpquant.core.files import sha256_file, sha256_json, write_json_atomic
+from mtpquant.core.machine import proc_field
 from mtpquant.core.paths import cache_root
 from mtpquant.core.procs import capture, run_tool
 from mtpquant.core.progress import ProgressFn, no_progress
@@ -91,6 +92,14 @@ class Toolchain:
             raise ToolchainError(f"{name} not found in {self.bin_dir} (toolchain from {self.source})", INSTALL_HINT)
         return path
 
+    def recorded_sha256(self, name: str) -> str | None:
+        """A binary's sha256 as the toolchain identity records it (None when it records none)."""
+        return ((self.identity.get("binaries") or {}).get(name) or {}).get("sha256")
+
+    def binary_sha256(self, name: str) -> str:
+        """A binary's sha256: the recorded one, else hashed from the file."""
+        return self.recorded_sha256(name) or sha256_file(self.tool(name))
+
     def describe(self) -> dict:
         """The identity receipts record: commit, flags, binary sha256s where known."""
         ident = dict(self.identity)
@@ -111,15 +120,7 @@ ISA_FLAGS = frozenset({
 
 def _cpuinfo(*names: str) -> str | None:
     """The first value of one of these /proc/cpuinfo fields (None off Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in names:
-            return value.strip()
-    return None
+    return proc_field("/proc/cpuinfo", *names)
 
 
 def cpu_features() -> tuple[str, ...]:

@@ -66,23 +66,19 @@ def default_text() -> Path:
     return DEFAULT_TEXT
 
 
-def _tool_identity(tc: Toolchain) -> str:
-    known = tc.describe().get("binaries", {}).get("llama-perplexity", {}).get("sha256")
-    return known or sha256_file(tc.tool("llama-perplexity"))
-
-
 def base_key(tc: Toolchain, source_sha256: str, text: Path, ctx: int, chunks: int) -> str:
     """What decides the base logits: source bytes, text bytes, ctx, chunks, and the llama-perplexity binary."""
     return sha256_json({"source": source_sha256, "text": text_sha256(text), "ctx": ctx, "batch": ctx,
-                        "chunks": chunks, "llama_perplexity": _tool_identity(tc)})
+                        "chunks": chunks, "llama_perplexity": tc.binary_sha256("llama-perplexity")})
 
 
 def kld_base_info(tc: Toolchain, source: Path, text: Path, ctx: int, chunks: int, dest: Path, log: Path, *,
-                  source_sha256: str | None = None, threads: int | None = None) -> BaseLogits:
+                  source_sha256: str | None = None, threads: int | None = None, key: str | None = None) -> BaseLogits:
     """Save the source's logits to `dest` (reused when its sidecar records the same key), with key, command, PPL."""
     source, text, dest = Path(source), Path(text), Path(dest)
-    _check_inputs(source, text, ctx, chunks)
-    key = base_key(tc, source_sha256 or sha256_file(source), text, ctx, chunks)
+    if key is None:  # callers that already computed it pass it: the text and the source are hashed once
+        _check_inputs(source, text, ctx, chunks)
+        key = base_key(tc, source_sha256 or sha256_file(source), text, ctx, chunks)
     sidecar = dest.with_name(dest.name + ".json")
     try:
         meta = json.loads(sidecar.read_text())
@@ -216,7 +212,7 @@ def eval_run(tc: Toolchain, run_root: Path, source: Path | None = None, text: Pa
     def base() -> BaseLogits:  # the source's logits: saved once, and only if some variant is evaluated
         progress("eval base", 0, 1)
         logits = kld_base_info(tc, source, text, ctx, chunks, run.work / "eval" / f"base-{key[:16]}.kld",
-                               run.logs / "eval-base.log", source_sha256=src_sha, threads=threads)
+                               run.logs / "eval-base.log", source_sha256=src_sha, threads=threads, key=key)
         progress("eval base", 1, 1)
         return logits
 
@@ -252,7 +248,7 @@ def eval_file(tc: Toolchain, variant_gguf: Path, source: Path, text: Path | None
     src_sha = sha256_file(source)
     key = base_key(tc, src_sha, text, ctx, chunks)
     base = kld_base_info(tc, source, text, ctx, chunks, cache_dir / f"base-{key[:16]}.kld",
-                         cache_dir / f"base-{key[:16]}.log", source_sha256=src_sha, threads=threads)
+                         cache_dir / f"base-{key[:16]}.log", source_sha256=src_sha, threads=threads, key=key)
     log = cache_dir / f"{Path(variant_gguf).stem}.log"
     log.unlink(missing_ok=True)
     result = eval_variant(tc, source, Path(variant_gguf), base, text, ctx, chunks, log, threads=threads)

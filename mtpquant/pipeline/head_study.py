@@ -132,7 +132,7 @@ def _check_disk(plan: Plan, studied: list[VariantPlan]) -> None:
 def study_key(plan: Plan, vplan: VariantPlan, im: ImatrixResult | None, prompts: list, suite: dict) -> str:
     """What decides a study: the variant as planned before it, the study settings, prompts, tools, the method."""
     spec, smoke = vplan.variant.draft_head, plan.recipe.smoke
-    server = (plan.toolchain.describe().get("binaries") or {}).get("llama-server", {}).get("sha256")
+    server = plan.toolchain.recorded_sha256("llama-server")
     return sha256_json({
         "variant": quantize_key(plan.source.sha256, vplan.variant.type, list(vplan.overrides),
                                 im.sha256 if im else None, plan.toolchain_key),

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from mtpquant.core.files import sha256_file, sha256_json
+from mtpquant.core.files import sha256_json
 from mtpquant.llamacpp.toolchain import Toolchain
 
 
 def toolchain_key(tc: Toolchain) -> dict:
     """What about the toolchain decides the bytes of an output."""
     ident = tc.describe()
-    qsha = ident.get("binaries", {}).get("llama-quantize", {}).get("sha256") or sha256_file(tc.tool("llama-quantize"))
-    return {"llama_cpp_commit": ident.get("llama_cpp_commit", "unknown"), "llama_quantize_sha256": qsha,
+    return {"llama_cpp_commit": ident.get("llama_cpp_commit", "unknown"),
+            "llama_quantize_sha256": tc.binary_sha256("llama-quantize"),
             "cmake_flags": ident.get("cmake_flags")}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -68,7 +69,7 @@ def fetch_source(recipe: Recipe, run: RunDir, recorded: dict, progress: Progress
     cfg = settings()
     previous = _recorded(recorded, hf)
     snap, fmt, files, resolved_at = _pin(recipe, previous, cfg, progress)
-    here = Snapshot(snap.repo, snap.revision, snap.commit, cfg.endpoint, snap.files)  # where to download from now
+    here = dataclasses.replace(snap, endpoint=cfg.endpoint)  # where to download from now
     if fmt == SAFETENSORS:
         # config.json first: a checkpoint that cannot match the recipe is refused before the weights come
         config = download(here, tuple(f for f in files if f.name == "config.json"), cfg, progress, recipe.path)

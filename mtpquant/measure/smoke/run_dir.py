@@ -36,7 +36,7 @@ def run_spec(run: RunDir) -> tuple[SmokeSpec, str]:
 
 def smoke_key(art: Artifact, spec: SmokeSpec, tc: Toolchain, extra: dict) -> str:
     """What decides a smoke receipt: the model's bytes, the settings, the method version and the llama-server."""
-    server = (tc.describe().get("binaries") or {}).get("llama-server", {}).get("sha256")
+    server = tc.recorded_sha256("llama-server")
     return sha256_json({"model": art.sha256, "spec": spec_json(spec), "version": SmokeReceipt.VERSION,
                         "llama_server": server, "extra": extra})
 

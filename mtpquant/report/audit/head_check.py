@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from mtpquant.core.errors import VerifyError
+from mtpquant.core.files import plain_json
 from mtpquant.measure import draft_head as dh
 from mtpquant.measure.smoke import acceptance
 from mtpquant.report.audit.state import Audit, need
@@ -64,6 +65,6 @@ def _check_study(audit: Audit, tag: str, r: dict, q: dict, where: str) -> None:
 
 
 def _same(where: str, field: str, recorded, derived) -> None:
-    if json.loads(json.dumps(recorded)) != json.loads(json.dumps(derived)):
+    if plain_json(recorded) != plain_json(derived):
         raise VerifyError(f"{where}: {field} is {json.dumps(recorded)}, its own counts give {json.dumps(derived)}",
                           EDITED)

@@ -7,11 +7,12 @@ import json
 import re
 
 from mtpquant.core.errors import MtpquantError, VerifyError
+from mtpquant.core.files import plain_json
 from mtpquant.llamacpp.perplexity import parse_kld_output
 from mtpquant.measure import fit as fitmod
 from mtpquant.measure import smoke
 from mtpquant.modelfile.model import read_model
-from mtpquant.report.audit.state import Audit, first_diff, jsonable, need
+from mtpquant.report.audit.state import Audit, first_diff, need
 
 SMOKE_SHOWN = ("units", "acceptance", "mean_accepted_length", "tok_s", "speedup", "differs_from_vanilla")
 
@@ -43,7 +44,7 @@ def _check_smoke(audit: Audit, tag: str, s: dict, q: dict) -> None:
                           f"is {q['sha256']}", "the measurement is stale; rerun `mtpquant smoke` on the run")
     settings = need(s, "settings", where)
     results = need(s, "results", where)
-    derived = jsonable(smoke.summarize(need(s, "runs", where), settings["draft_n_max"], settings["seeds"],
+    derived = plain_json(smoke.summarize(need(s, "runs", where), settings["draft_n_max"], settings["seeds"],
                                        list(results), s.get("split")))
     path_, a, b = first_diff(_shown_smoke(results), _shown_smoke(derived), "results")
     if path_ is not None:
@@ -110,7 +111,7 @@ def _check_fit(audit: Audit, tag: str, f: dict, q: dict) -> None:
                              ctx=list(dict.fromkeys(r["ctx"] for r in rows)),
                              kv_types=list(dict.fromkeys(r["kv_type"] for r in rows)), mtp=f.get("mtp", True),
                              settings=settings)
-    path_, a, b = first_diff(_shown_fit(f), _shown_fit(jsonable(table)), "fit")
+    path_, a, b = first_diff(_shown_fit(f), _shown_fit(plain_json(table)), "fit")
     if path_ is not None:
         raise VerifyError(f"{where}: {path_.removeprefix('fit.')} is {json.dumps(a)}, the artifact's header gives "
                           f"{json.dumps(b)}", "the receipt was edited or written by another version of mtpquant.fit")

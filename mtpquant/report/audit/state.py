@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mtpquant.core.errors import CardError, VerifyError
@@ -68,8 +67,3 @@ def first_diff(a, b, path: str = ""):
     if a != b or type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
         return path, a, b
     return None, None, None
-
-
-def jsonable(value):
-    """A value as it would read back from a receipt (through JSON)."""
-    return json.loads(json.dumps(value, default=str))

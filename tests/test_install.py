@@ -45,6 +45,11 @@ def test_wheel_in_a_fresh_venv_builds_the_demo(tmp_path, toolchain):
     run([python, "-m", "pip", "install", "-q", wheel], tmp_path, env)
     where = run([python, "-c", "import mtpquant; print(mtpquant.__file__)"], tmp_path, env).stdout.strip()
     assert Path(where).is_relative_to(venv) and not Path(where).is_relative_to(REPO)
+    # the data smoke and eval read (left out of the build below to keep it short) comes with the wheel
+    shipped = run([python, "-c", "from mtpquant.measure.kld import default_text; "
+                   "from mtpquant.measure.smoke.suite import SUITE_PATH, load_suite; "
+                   "print(default_text()); print(SUITE_PATH); print(len(load_suite()))"], tmp_path, env).stdout.split()
+    assert all(Path(p).is_relative_to(venv) for p in shipped[:2]) and int(shipped[2]) >= 10
 
     # the demo recipe without smoke and eval (the full demo takes minutes; they measure, and make no file)
     data = yaml.safe_load(RECIPE.read_text())

@@ -105,9 +105,9 @@ def test_missing_statistics_with_exit_code_0_is_retried_then_an_error(tmp_path):
                         128, 4, log)
     assert e.value.one_line() == (
         f"llama-perplexity printed no '====== Perplexity statistics ======' section for q.gguf "
-        f"(exit code 0, 3 run(s)); log: {log} (its output was cut short (llama.cpp does not flush "
+        f"(exit code 0, 5 run(s)); log: {log} (its output was cut short (llama.cpp does not flush "
         f"its log at exit); run the step again)")
-    assert log.read_text().count("$ ") == 3
+    assert log.read_text().count("$ ") == 5
 
 
 def test_statistics_cut_off_midway_are_an_error(tiny_pair, base, toolchain, tmp_path):

@@ -127,7 +127,7 @@ def _check_inputs(source: Path, text: Path, ctx: int, chunks: int) -> None:
 
 
 def eval_variant(tc: Toolchain, source: Path, variant_gguf: Path, base_kld: Path | BaseLogits, text: Path,
-                 ctx: int, chunks: int, log: Path, *, threads: int | None = None, attempts: int = 3) -> dict:
+                 ctx: int, chunks: int, log: Path, *, threads: int | None = None, attempts: int = 5) -> dict:
     """KLD/PPL of one variant against the saved base logits; the dict receipts/eval-<variant>.json holds.
 
     llama-perplexity (515e855) never flushes its asynchronous log before exiting, so the statistics at the end of

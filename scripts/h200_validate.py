@@ -9,6 +9,10 @@ copy that every call re-sends):
     python3 scripts/h200_validate.py smoke moe|dense       smoke method 3, k = 1..6, on the Q4_K_M
     python3 scripts/h200_validate.py sweep moe             prompt-length sweep 4k..128k at the chosen k
     python3 scripts/h200_validate.py head moe              draft-head study on a small-margin designed head
+    python3 scripts/h200_validate.py ladder moe            one `build --overlap`: the head study on the Q4_K_M, then a
+                                                           4-variant ladder whose quantize+verify overlap the previous
+                                                           variant's smoke+eval; wall time against the steps' sums
+    python3 scripts/h200_validate.py pays SWEEP.json       (here, no GPU) the card's "Where MTP pays" section of a sweep
     python3 scripts/h200_validate.py pack OUT              the small receipts and summaries into OUT/h200.tar.gz
 
 Shapes: every per-token dimension is the real model's (hidden size, heads, head sizes, linear-attention heads,
@@ -60,7 +64,8 @@ def mtpquant(*args) -> None:
     sh(sys.executable, "-m", "mtpquant", *args, cwd=WORK)
 
 
-def recipe(shape: str, smoke: dict | None, designed: dict, name: str, extra: str = "") -> Path:
+def recipe(shape: str, smoke: dict | None, designed: dict, name: str, extra: str = "",
+           variants: str = "[{type: Q4_K_M}]") -> Path:
     spec = {**SHAPES[shape], "seed": 7, "designed": designed}
     text = "\n".join([
         f"name: {name}",
@@ -69,7 +74,7 @@ def recipe(shape: str, smoke: dict | None, designed: dict, name: str, extra: str
         "mtp: {require: true}",
         "policy:",
         "  - {block: nextn, match: 'nextn\\.eh_proj\\.weight$', type: Q8_0}",
-        "variants: [{type: Q4_K_M}]",
+        f"variants: {variants}",
         f"smoke: {json.dumps(smoke)}" if smoke else "smoke: {enabled: false}",
         "fit: {vram_gb: [24, 32, 80, 141], ctx: [4096, 32768, 131072]}",
         extra,
@@ -138,6 +143,58 @@ def stage_head(shape: str) -> None:
                             "study": json.loads(rec.read_text()) if rec.is_file() else None})
 
 
+LADDER = ("[{type: Q3_K_M}, {type: Q4_K_M, draft_head: {candidates: [Q4_K, Q6_K, Q8_0], scope: eh_proj, "
+          "reference: Q8_0, tolerance_pp: 1.0, k: 4, prompts: 20, max_tokens: 128}}, {type: Q5_K_M}, {type: Q6_K}]")
+
+
+def stage_ladder(shape: str) -> None:
+    """The head study and the overlapped ladder in one build from one small-margin source (one 21 GB synthesis)."""
+    started = time.monotonic()
+    smoke = {**SMOKE, "draft_n_max": [4], "prompts": 10, "max_tokens": 128,
+             "threads": max(1, (os.cpu_count() or 4) // 4)}  # the GPU lane: 4 of the H200 host's 16 cores
+    path = recipe(shape, smoke, {"alpha": 0.76, "k": 4, "margin": 0.01}, f"h200-{shape}-ladder",
+                  "eval: {enabled: true}", LADDER)
+    run = WORK / f"{shape}-ladder"
+    try:
+        mtpquant("build", path, "--out", run, "--overlap", "-q")
+    except subprocess.CalledProcessError as exc:
+        print(f"build exited {exc.returncode} (a failed gate still writes every receipt)", flush=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    rec = run / "receipts" / "draft-head-Q4_K_M.json"
+    summary(shape, "ladder", {"seconds": round(time.monotonic() - started, 1), "shrunk": SHRUNK[shape],
+                              "schedule": ladder_figures(manifest["executor"]),
+                              "study": json.loads(rec.read_text()) if rec.is_file() else None})
+
+
+def ladder_figures(executor: dict) -> dict:
+    """Wall time of the overlapped tasks against the sum of their steps and against the ideal
+    max(sum of CPU steps, sum of GPU steps) + the first CPU step (nothing can overlap it)."""
+    tasks = executor["tasks"]
+    cpu = [t for t in tasks if t["kind"] == "cpu"]
+    gpu = [t for t in tasks if t["kind"] == "gpu"]
+    wall = max(t["ended"] for t in tasks) - min(t["started"] for t in tasks)
+    first_cpu = min(cpu, key=lambda t: t["started"])["seconds"] if cpu else 0.0
+    sum_cpu, sum_gpu = sum(t["seconds"] for t in cpu), sum(t["seconds"] for t in gpu)
+    ideal = max(sum_cpu, sum_gpu) + first_cpu
+    return {"mode": executor.get("mode"), "lanes": executor.get("lanes"), "wall_s": round(wall, 1),
+            "sum_steps_s": round(sum_cpu + sum_gpu, 1), "sum_cpu_s": round(sum_cpu, 1), "sum_gpu_s": round(sum_gpu, 1),
+            "ideal_s": round(ideal, 1), "wall_over_sum": round(wall / (sum_cpu + sum_gpu), 3),
+            "wall_over_ideal": round(wall / ideal, 3),
+            "tasks": [{k: t[k] for k in ("task", "kind", "cpus", "started", "ended", "seconds")} for t in tasks]}
+
+
+def stage_pays(sweep_json: Path) -> None:
+    """Print the card's "Where MTP pays" section for the output of `mtpquant smoke GGUF --context ... --json`, built
+    by the card's own code (report.card.pays.pays_view), laid out as the card template lays it out."""
+    sys.path.insert(0, str(REPO))
+    from mtpquant.report.card.nodes import Node
+    from mtpquant.report.card.pays import pays_view
+
+    view = pays_view(Node(json.loads(Path(sweep_json).read_text()), Path(sweep_json).name))
+    parts = [view["intro"]] + [f"{t['title']}\n\n{t['table']}" for t in view["tables"]] + view["recommendations"]
+    print("\n\n".join(str(x) for x in parts))
+
+
 def _bin() -> str:
     sys.path.insert(0, str(REPO))
     from mtpquant.llamacpp.toolchain import locate
@@ -156,7 +213,7 @@ def stage_pack(out: Path) -> None:
     with tarfile.open(out / "h200.tar.gz", "w:gz") as tar:
         for p in sorted(WORK.glob("summary-*.json")) + sorted(WORK.glob("sweep-*.json")):
             tar.add(p, arcname=p.name)
-        for run in ("moe", "dense", "moe-head"):
+        for run in ("moe", "dense", "moe-head", "moe-ladder"):
             for p in sorted((WORK / run / "receipts").glob("*.json")) if (WORK / run).is_dir() else []:
                 tar.add(p, arcname=f"{run}/receipts/{p.name}")
             card = WORK / run / "README.md"
@@ -169,10 +226,13 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     if stage == "toolchain":
         stage_toolchain()
+    elif stage == "pays":
+        stage_pays(Path(rest[0]))
     elif stage == "pack":
         stage_pack(Path(rest[0]))
     else:
-        {"build": stage_build, "smoke": stage_smoke, "sweep": stage_sweep, "head": stage_head}[stage](rest[0])
+        {"build": stage_build, "smoke": stage_smoke, "sweep": stage_sweep, "head": stage_head,
+         "ladder": stage_ladder}[stage](rest[0])
 
 
 if __name__ == "__main__":

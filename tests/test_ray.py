@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import gguf
@@ -28,7 +29,7 @@ from mtpquant import recipe as rcp
 from mtpquant.core.errors import GateError, UsageError
 from mtpquant.core.files import sha256_file, write_text_atomic
 from mtpquant.pipeline import build as pipeline
-from mtpquant.pipeline.executors import local
+from mtpquant.pipeline.executors import local, measure_tasks
 from mtpquant.pipeline.executors import ray as ray_executor
 from mtpquant.pipeline.executors.base import NodeNeeds, cpu_set
 
@@ -318,3 +319,17 @@ def test_local_overlap_quantizes_while_smoking_on_disjoint_cpus(tmp_path, toolch
     receipt = json.loads((out / "receipts" / "smoke-Q4_K_M.json").read_text())
     during = {d["task"]: d for d in receipt["concurrent"]["during"]}
     assert during["quantize:Q8_0"]["cpus"] == quantize["cpus"] and receipt["concurrent"]["mode"] == "overlap"
+
+
+def test_gpu_steps_come_variant_by_variant(tmp_path):
+    """Each variant's eval, then its smoke, before the next variant's: the overlapping GPU lane takes them in this
+    order, so the first smoke runs while the next variant is quantized (with every eval first, each smoke waited
+    for the last quantize: on the H200 ladder, 4 smokes ran after the 4th quantize)."""
+    recipe = rcp.load(demo_copy(tmp_path, variants=[{"type": "Q4_K_M"}, {"type": "Q8_0"}, {"type": "Q6_K"}],
+                                imatrix=None, smoke=small_smoke(), eval={"enabled": True, "ctx": 128, "chunks": 4}))
+    plan = types.SimpleNamespace(recipe=recipe, variants=[types.SimpleNamespace(variant=v) for v in recipe.variants])
+    tasks = measure_tasks.post_tasks(plan, force=False)
+    assert [(t.name, t.after) for t in tasks] == [
+        ("eval:Q4_K_M", ("quantize:Q4_K_M",)), ("smoke:Q4_K_M", ("quantize:Q4_K_M",)),
+        ("eval:Q8_0", ("quantize:Q8_0", "eval:Q4_K_M")), ("smoke:Q8_0", ("quantize:Q8_0",)),
+        ("eval:Q6_K", ("quantize:Q6_K", "eval:Q4_K_M")), ("smoke:Q6_K", ("quantize:Q6_K",))]

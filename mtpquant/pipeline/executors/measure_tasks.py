@@ -32,12 +32,14 @@ def post_tasks(plan: Plan, force: bool) -> list[Task]:
     gpus = 1 if recipe.smoke.gpu_layers else 0
     cpus = (recipe.smoke.threads or 1) if gpus else 0
     tasks = []
-    if recipe.eval.enabled:  # the first eval saves the source's logits, which the others read
-        tasks += [Task(f"eval:{t}", partial(eval_task, plan, force), GPU, cpus, gpus,
-                       (f"quantize:{t}",) + ((f"eval:{tags[0]}",) if i else ())) for i, t in enumerate(tags)]
-    if recipe.smoke.enabled:
-        tasks += [Task(f"smoke:{t}", partial(smoke_task, plan, force), GPU, cpus, gpus, (f"quantize:{t}",))
-                  for t in tags]
+    # One variant's GPU steps together, variant by variant: in the local executor's GPU lane the smoke of the first
+    # variant then runs while the next one is quantized, instead of every smoke waiting for the last eval.
+    for i, t in enumerate(tags):
+        if recipe.eval.enabled:  # the first eval saves the source's logits, which the others read
+            tasks.append(Task(f"eval:{t}", partial(eval_task, plan, force), GPU, cpus, gpus,
+                              (f"quantize:{t}",) + ((f"eval:{tags[0]}",) if i else ())))
+        if recipe.smoke.enabled:
+            tasks.append(Task(f"smoke:{t}", partial(smoke_task, plan, force), GPU, cpus, gpus, (f"quantize:{t}",)))
     return tasks
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +17,12 @@ from huggingface_hub import ModelCard
 from mtpquant.cli import main
 from mtpquant.core.errors import CardError, ReceiptError
 from mtpquant.core.rundir import RunDir
+from mtpquant.llamacpp.perplexity import parse_final_ppl, perplexity_env
+from mtpquant.measure.kld import default_text, run_source
 from mtpquant.report import card as cardmod
 from mtpquant.report.card import md_code, md_fence, md_text, render_card, write_card
+from mtpquant.report.card.nodes import Node
+from mtpquant.report.card.quality import quality_view
 from mtpquant.report.card.smoke import user_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
@@ -133,6 +138,58 @@ def test_card_values_come_from_the_receipts(runs):
     assert f"| Q8_0 | {e['stats']['kld_mean']:.6f} ± {e['stats']['kld_mean_err']:.6f} |" in text
     assert "- MTP acceptance and speedup in llama-server (no smoke receipt): not measured for Q8_0." in text
     assert "### GPU memory fit (estimate)" in text
+
+
+
+def plain_ppl(toolchain, model: Path, text: Path, ctx: int, chunks: int) -> float:
+    """`Final estimate: PPL` of a llama-perplexity run without KLD (a run whose unflushed log lost it is repeated)."""
+    argv = [str(toolchain.tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx), "-b",
+            str(ctx), "--chunks", str(chunks)]
+    for _ in range(5):
+        run = subprocess.run(argv, capture_output=True, text=True, env=perplexity_env(), timeout=120)
+        ppl = parse_final_ppl(run.stdout + run.stderr)
+        if ppl is not None:
+            return ppl
+    raise AssertionError(f"llama-perplexity printed no final PPL for {model.name} in 5 runs")
+
+
+def test_ppl_ratio_divides_by_the_sources_own_perplexity(runs, toolchain):
+    """The KLD pass floors the stored base log-probabilities 16 nats below the top logit; every text token of the
+    synthetic model lies below, so that pass's PPL(base) is far from the source's. The card's ratio is PPL(Q) over
+    the PPL of the pass that saved the base logits, and both equal what plain llama-perplexity runs measure."""
+    run = runs["measured"]
+    e = receipt(run, "eval-Q8_0.json")
+    q = receipt(run, "quantize-Q8_0.json")
+    source, _ = run_source(run)
+    text = default_text()
+    assert e["text"]["file"] == text.name
+    src_ppl = plain_ppl(toolchain, source, text, e["ctx"], e["chunks"])
+    var_ppl = plain_ppl(toolchain, run.root / q["file"], text, e["ctx"], e["chunks"])
+    assert e["base_logits"]["ppl"] == pytest.approx(src_ppl, rel=1e-6)
+    assert e["stats"]["ppl_q"] == pytest.approx(var_ppl, rel=1e-6)
+    assert e["stats"]["ppl_base"] < 0.5 * src_ppl, "the floored base of the KLD pass"
+    row = next(ln for ln in readme(run).splitlines() if ln.startswith("| Q8_0 | "))
+    ratio = e["stats"]["ppl_q"] / e["base_logits"]["ppl"]
+    assert row.split(" | ")[6] == f"{ratio:.4f}" and ratio == pytest.approx(var_ppl / src_ppl, abs=1e-4)
+    assert "A PPL(Q)/PPL(base) without ± divides PPL(Q) of the KLD pass" in readme(run)
+
+
+def eval_node(ppl_base: float, own) -> Node:
+    return Node({"stats": {"ppl_q": 12.5, "ppl_base": ppl_base, "ppl_ratio": 12.5 / ppl_base,
+                           "ppl_ratio_err": 0.0123}, "base_logits": {"ppl": own}}, "receipts/eval-X.json")
+
+
+@pytest.mark.parametrize("ppl_base, own, ratio, base", [
+    (10.0, 10.0, "1.2500 ± 0.0123", "PPL(base) 10"),
+    (10.0, 10.005, "1.2500 ± 0.0123", "PPL(base) 10"),  # within 0.1 %: the same measurement
+    (10.0, None, "1.2500 ± 0.0123", "PPL(base) 10"),  # an older base without its own PPL: llama.cpp's figures
+    (5.0, 10.0, "1.2500", "PPL(base) 10, from the pass that saved the base's logits; the KLD pass, which reads those "
+                          "log-probabilities floored 16 nats below each position's top logit, gives 5 and a ratio of "
+                          "2.5000, which the table does not use"),
+])
+def test_quality_view(ppl_base, own, ratio, base):
+    v = quality_view(eval_node(ppl_base, own))
+    assert (v["ratio"], v["base"], v["floored"]) == (ratio, base, own is not None and abs(own / ppl_base - 1) > 1e-3)
 
 
 def test_every_receipt_is_listed_with_its_sha256(runs):

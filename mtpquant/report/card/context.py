@@ -16,6 +16,7 @@ from mtpquant.report.card.markdown import Md, md_text, shell_command
 from mtpquant.report.card.nodes import Node, load_receipts, receipt_sha256s
 from mtpquant.report.card.pays import pays_view
 from mtpquant.report.card.provenance import base_model, display_command, pinned_imatrix, published, toolchain_facts
+from mtpquant.report.card.quality import quality_view
 from mtpquant.report.card.runtimes import runtimes
 from mtpquant.report.card.smoke import claim, how_to_run, smoke_view, untested_run
 
@@ -95,6 +96,7 @@ def _variant(receipts: dict[str, Node], tag: str, source: Node) -> dict:
         "q": q,
         "smoke": receipts.get(f"smoke-{tag}.json"),
         "eval": receipts.get(f"eval-{tag}.json"),
+        "quality": quality_view(receipts[f"eval-{tag}.json"]) if f"eval-{tag}.json" in receipts else None,
         "fit": fit,
         "eh_proj": eh,
         "draft_head": DRAFT_HEAD_TEXT.get(q.need("draft_head"), q.need("draft_head")),

@@ -4,14 +4,16 @@ First `--kl-divergence-base BASE.kld` on the source saves its logits (once per s
 file is cached under a key of all of them), then `--kl-divergence` on each variant compares against it. `-b` is
 always equal to `-c`: with the default `-b 2048` and a small `-c`, several sequences share a batch and the
 chunk count and statistics stop matching what was asked. llama-perplexity prints its statistics only when at least
-100 tokens were scored, and loses the end of its output when its log thread is starved at exit; it exits 0 either
-way, so a run without the statistics section is an error here (retried when the cause is the lost output).
+100 tokens were scored, and without the drain `perplexity_env` preloads it loses the end of its output when its log
+thread has not written it by exit; it exits 0 either way, so a run without the statistics section is an error here
+(retried when the cause can be the lost output).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from mtpquant.core.rundir import Artifact, RunDir
 from mtpquant.core.steps import Step, run_step
 from mtpquant.llamacpp.perplexity import (
     STATS_HEADER,
+    log_drain_library,
     parse_final_ppl,
     parse_kld_output,
     perplexity_argv,
@@ -130,10 +133,10 @@ def eval_variant(tc: Toolchain, source: Path, variant_gguf: Path, base_kld: Path
                  ctx: int, chunks: int, log: Path, *, threads: int | None = None, attempts: int = 5) -> dict:
     """KLD/PPL of one variant against the saved base logits; the dict receipts/eval-<variant>.json holds.
 
-    llama-perplexity (515e855) never flushes its asynchronous log before exiting, so the statistics at the end of
-    stdout are sometimes lost with exit code 0: such a run is repeated, up
-    to `attempts` runs in all (see `perplexity_env` for what makes it rare). Too few scored tokens (< 100) means
-    no statistics at all, and is not retried.
+    llama-perplexity (515e855) never flushes its asynchronous log before exiting; `perplexity_env` preloads a drain
+    for it, and where that library cannot be built the statistics at the end of stdout are sometimes lost with exit
+    code 0: such a run is repeated, up to `attempts` runs in all. Too few scored tokens (< 100) means no statistics
+    at all, and is not retried.
     """
     variant_gguf, text = Path(variant_gguf), Path(text)
     base = base_kld if isinstance(base_kld, BaseLogits) else None
@@ -155,7 +158,8 @@ def eval_variant(tc: Toolchain, source: Path, variant_gguf: Path, base_kld: Path
         "base_logits": {"file": base_path.name, "key": base.key if base else None,
                         "ppl": base.ppl if base else None},
         "commands": {"base": list(base.command) if base else None, "variant": shown_argv(argv)},
-        "env": {"OMP_WAIT_POLICY": perplexity_env()["OMP_WAIT_POLICY"]},
+        "env": {"OMP_WAIT_POLICY": perplexity_env()["OMP_WAIT_POLICY"],
+                "log_drain": drain.name if (drain := log_drain_library()) else None},
         "log": log.name,
     }
 
@@ -256,16 +260,42 @@ def eval_file(tc: Toolchain, variant_gguf: Path, source: Path, text: Path | None
     return result
 
 
+FLOOR_NATS = 16  # the KLD pass reads the base's log-probabilities floored this far below each position's top logit
+SAME_PPL = 1e-3  # two PPL(base) figures closer than this (relative) are the same measurement
+
+
+def ppl_ratio(ppl_q: float, kld_base: float, kld_ratio: float, kld_ratio_err: float,
+              own_base: float | None) -> tuple[float, float | None, float, bool]:
+    """PPL(Q)/PPL(base) as (ratio, its ± or None, the PPL(base) used, whether the KLD pass's base was floored).
+
+    The KLD pass (llama-perplexity 515e855, `log_softmax` in tools/perplexity/perplexity.cpp) stores the base's
+    log-probabilities floored FLOOR_NATS below each position's top logit, so a text token the base put lower counts
+    with too small an NLL and that pass's PPL(base) and ratio are off (rare tokens; every token of a synthetic model).
+    The pass that saved the base logits measured its PPL from full logits over the same tokens (`own_base`): when the
+    two differ, the ratio is PPL(Q) over it, without a paired ± (the passes keep no per-token figures)."""
+    if own_base is None or abs(math.log(own_base / kld_base)) <= SAME_PPL:
+        return kld_ratio, kld_ratio_err, kld_base, False
+    return ppl_q / own_base, None, own_base, True
+
+
 def format_results(results: dict[str, dict]) -> str:
-    """One line per variant: mean KLD, PPL ratio, same-top-token share (each result as eval_variant returns it)."""
-    lines = [f"{'variant':<14} {'mean KLD':>20} {'PPL(Q)':>10} {'PPL ratio':>18} {'same top':>16}"]
+    """One line per variant: mean KLD, PPL(Q), PPL ratio, same-top-token share (each as eval_variant returns it)."""
+    lines = [f"{'variant':<14} {'mean KLD':>19} {'PPL(Q)':>11} {'PPL(Q)/PPL(base)':>19} {'same top':>16}"]
+    floored, base_ppl = False, None
     for tag, r in results.items():
         st = r["stats"]
-        lines.append(f"{tag:<14} {st['kld_mean']:>10.6f} ± {st['kld_mean_err']:<8.6f}"
-                     f"{st['ppl_q']:>10.4f} {st['ppl_ratio']:>9.5f} ± {st['ppl_ratio_err']:<7.5f}"
-                     f"{100 * st['same_top_share']:>8.2f} ± {100 * st['same_top_share_err']:.2f} %")
+        ratio, err, base_ppl, low = ppl_ratio(st["ppl_q"], st["ppl_base"], st["ppl_ratio"], st["ppl_ratio_err"],
+                                              (r.get("base_logits") or {}).get("ppl"))
+        floored |= low
+        kld = f"{st['kld_mean']:.6f} ± {st['kld_mean_err']:.6f}"
+        shown = f"{ratio:.5f} ± {err:.5f}" if err is not None else f"{ratio:.5f} (no ±)"
+        top = f"{100 * st['same_top_share']:.2f} ± {100 * st['same_top_share_err']:.2f} %"
+        lines.append(f"{tag:<14} {kld:>19} {st['ppl_q']:>11.6g} {shown:>19} {top:>16}")
     if results:
         r = next(iter(results.values()))
         lines.append(f"text {r['text']['file']} (sha256 {r['text']['sha256'][:12]}), ctx {r['ctx']}, "
-                     f"{r['stats']['chunks_evaluated']} chunk(s); PPL(base) {r['stats']['ppl_base']:.4f}")
+                     f"{r['stats']['chunks_evaluated']} chunk(s); PPL(base) {base_ppl:.6g}")
+    if floored:
+        lines.append(f"PPL(base) is the source's own pass: the text has tokens more than {FLOOR_NATS} nats below the "
+                     "source's top logit, where the KLD pass floors the stored base (its ratio would be wrong)")
     return "\n".join(lines)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from huggingface_hub import ModelCard
 from mtpquant.cli import main
 from mtpquant.core.errors import CardError, ReceiptError
 from mtpquant.core.rundir import RunDir
-from mtpquant.llamacpp.perplexity import parse_final_ppl, perplexity_env
+from mtpquant.llamacpp.perplexity import parse_final_ppl, run_perplexity
 from mtpquant.measure.kld import default_text, run_source
 from mtpquant.report import card as cardmod
 from mtpquant.report.card import md_code, md_fence, md_text, render_card, write_card
@@ -141,19 +140,18 @@ def test_card_values_come_from_the_receipts(runs):
 
 
 
-def plain_ppl(toolchain, model: Path, text: Path, ctx: int, chunks: int) -> float:
-    """`Final estimate: PPL` of a llama-perplexity run without KLD (a run whose unflushed log lost it is repeated)."""
-    argv = [str(toolchain.tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx), "-b",
-            str(ctx), "--chunks", str(chunks)]
-    for _ in range(5):
-        run = subprocess.run(argv, capture_output=True, text=True, env=perplexity_env(), timeout=120)
-        ppl = parse_final_ppl(run.stdout + run.stderr)
-        if ppl is not None:
-            return ppl
-    raise AssertionError(f"llama-perplexity printed no final PPL for {model.name} in 5 runs")
+def plain_ppl(toolchain, model: Path, text: Path, ctx: int, chunks: int, log: Path) -> float:
+    """`Final estimate: PPL` of one llama-perplexity run without KLD, through the project's runner (its log drain)."""
+    argv = [toolchain.tool("llama-perplexity"), "-m", model, "-f", text, "-c", str(ctx), "-b", str(ctx),
+            "--chunks", str(chunks)]
+    lines: list[str] = []  # the estimate is logged on stderr: read every line, as the base-saving pass does
+    run_perplexity(argv, log, on_line=lines.append)
+    ppl = parse_final_ppl("\n".join(lines))
+    assert ppl is not None, f"llama-perplexity printed no final PPL for {model.name}; log: {log}"
+    return ppl
 
 
-def test_ppl_ratio_divides_by_the_sources_own_perplexity(runs, toolchain):
+def test_ppl_ratio_divides_by_the_sources_own_perplexity(runs, toolchain, tmp_path):
     """The KLD pass floors the stored base log-probabilities 16 nats below the top logit; every text token of the
     synthetic model lies below, so that pass's PPL(base) is far from the source's. The card's ratio is PPL(Q) over
     the PPL of the pass that saved the base logits, and both equal what plain llama-perplexity runs measure."""
@@ -163,8 +161,8 @@ def test_ppl_ratio_divides_by_the_sources_own_perplexity(runs, toolchain):
     source, _ = run_source(run)
     text = default_text()
     assert e["text"]["file"] == text.name
-    src_ppl = plain_ppl(toolchain, source, text, e["ctx"], e["chunks"])
-    var_ppl = plain_ppl(toolchain, run.root / q["file"], text, e["ctx"], e["chunks"])
+    src_ppl = plain_ppl(toolchain, source, text, e["ctx"], e["chunks"], tmp_path / "source.log")
+    var_ppl = plain_ppl(toolchain, run.root / q["file"], text, e["ctx"], e["chunks"], tmp_path / "variant.log")
     assert e["base_logits"]["ppl"] == pytest.approx(src_ppl, rel=1e-6)
     assert e["stats"]["ppl_q"] == pytest.approx(var_ppl, rel=1e-6)
     assert e["stats"]["ppl_base"] < 0.5 * src_ppl, "the floored base of the KLD pass"

@@ -264,38 +264,36 @@ FLOOR_NATS = 16  # the KLD pass reads the base's log-probabilities floored this 
 SAME_PPL = 1e-3  # two PPL(base) figures closer than this (relative) are the same measurement
 
 
-def ppl_ratio(ppl_q: float, kld_base: float, kld_ratio: float, kld_ratio_err: float,
-              own_base: float | None) -> tuple[float, float | None, float, bool]:
-    """PPL(Q)/PPL(base) as (ratio, its ± or None, the PPL(base) used, whether the KLD pass's base was floored).
+def ppl_ratio(stats: dict, own_base: float | None) -> tuple[float, float | None, float, bool]:
+    """PPL(Q)/PPL(base) of an eval's `stats` (ppl_q, ppl_base, ppl_ratio, ppl_ratio_err) as (ratio, its ± or None,
+    the PPL(base) used, whether the KLD pass's base was floored).
 
     The KLD pass (llama-perplexity 515e855, `log_softmax` in tools/perplexity/perplexity.cpp) stores the base's
     log-probabilities floored FLOOR_NATS below each position's top logit, so a text token the base put lower counts
     with too small an NLL and that pass's PPL(base) and ratio are off (rare tokens; every token of a synthetic model).
     The pass that saved the base logits measured its PPL from full logits over the same tokens (`own_base`): when the
     two differ, the ratio is PPL(Q) over it, without a paired ± (the passes keep no per-token figures)."""
-    if own_base is None or abs(math.log(own_base / kld_base)) <= SAME_PPL:
-        return kld_ratio, kld_ratio_err, kld_base, False
-    return ppl_q / own_base, None, own_base, True
+    if own_base is None or abs(math.log(own_base / stats["ppl_base"])) <= SAME_PPL:
+        return stats["ppl_ratio"], stats["ppl_ratio_err"], stats["ppl_base"], False
+    return stats["ppl_q"] / own_base, None, own_base, True
 
 
 def format_results(results: dict[str, dict]) -> str:
     """One line per variant: mean KLD, PPL(Q), PPL ratio, same-top-token share (each as eval_variant returns it)."""
     lines = [f"{'variant':<14} {'mean KLD':>19} {'PPL(Q)':>11} {'PPL(Q)/PPL(base)':>19} {'same top':>16}"]
-    floored, base_ppl = False, None
+    ratios = {tag: ppl_ratio(r["stats"], (r.get("base_logits") or {}).get("ppl")) for tag, r in results.items()}
     for tag, r in results.items():
         st = r["stats"]
-        ratio, err, base_ppl, low = ppl_ratio(st["ppl_q"], st["ppl_base"], st["ppl_ratio"], st["ppl_ratio_err"],
-                                              (r.get("base_logits") or {}).get("ppl"))
-        floored |= low
+        ratio, err, _, _ = ratios[tag]
         kld = f"{st['kld_mean']:.6f} ± {st['kld_mean_err']:.6f}"
         shown = f"{ratio:.5f} ± {err:.5f}" if err is not None else f"{ratio:.5f} (no ±)"
         top = f"{100 * st['same_top_share']:.2f} ± {100 * st['same_top_share_err']:.2f} %"
         lines.append(f"{tag:<14} {kld:>19} {st['ppl_q']:>11.6g} {shown:>19} {top:>16}")
     if results:
-        r = next(iter(results.values()))
+        tag, r = next(iter(results.items()))
         lines.append(f"text {r['text']['file']} (sha256 {r['text']['sha256'][:12]}), ctx {r['ctx']}, "
-                     f"{r['stats']['chunks_evaluated']} chunk(s); PPL(base) {base_ppl:.6g}")
-    if floored:
+                     f"{r['stats']['chunks_evaluated']} chunk(s); PPL(base) {ratios[tag][2]:.6g}")
+    if any(floored for *_, floored in ratios.values()):
         lines.append(f"PPL(base) is the source's own pass: the text has tokens more than {FLOOR_NATS} nats below the "
                      "source's top logit, where the KLD pass floors the stored base (its ratio would be wrong)")
     return "\n".join(lines)

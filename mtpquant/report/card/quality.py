@@ -13,11 +13,10 @@ def quality_view(e: Node) -> dict:
     figures = {k: number(e.need(f"stats.{k}"), f"stats.{k}")
                for k in ("ppl_q", "ppl_base", "ppl_ratio", "ppl_ratio_err")}
     own = (e.get("base_logits") or {}).get("ppl")
-    own = None if own is None else number(own, "base_logits.ppl")
-    ratio, err, base, floored = ppl_ratio(figures["ppl_q"], figures["ppl_base"], figures["ppl_ratio"],
-                                          figures["ppl_ratio_err"], own)
+    ratio, err, base, floored = ppl_ratio(figures, None if own is None else number(own, "base_logits.ppl"))
     if not floored:
-        return {"ratio": Md(f"{ratio:.4f} ± {err:.4f}"), "base": Md(f"PPL(base) {base:.6g}"), "floored": False}
+        return {"ratio": Md(f"{ratio:.4f} ± {err:.4f}"), "base": Md(f"PPL(base) {base:.6g}"), "floored": False,
+                "floor_nats": FLOOR_NATS}
     return {
         "ratio": Md(f"{ratio:.4f}"),
         "base": Md(f"PPL(base) {base:.6g}, from the pass that saved the base's logits; the KLD pass, which reads those "
@@ -25,4 +24,5 @@ def quality_view(e: Node) -> dict:
                    f"{figures['ppl_base']:.6g} and a ratio of {figures['ppl_ratio']:.4f}, which the table does not "
                    "use"),
         "floored": True,
+        "floor_nats": FLOOR_NATS,
     }

@@ -42,6 +42,11 @@ class Checker:
                 self.bad(join(path, key), "missing required field")
         return value
 
+    def section(self, value: Any, path: str, allowed: dict[str, bool]) -> dict | None:
+        """An optional recipe section as `mapping` checks it; None when it is absent (the defaults apply) or not a
+        mapping (reported)."""
+        return None if value is None else self.mapping(value, path, allowed)
+
     def string(self, value: Any, path: str, pattern: re.Pattern | None = None, what: str = "") -> str | None:
         if value is MISSING or value is None:
             return None

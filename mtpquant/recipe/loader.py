@@ -100,9 +100,7 @@ def _source(c: Checker, value: Any, base: Path) -> Source | None:
 
 
 def _imatrix(c: Checker, value: Any, base: Path) -> ImatrixSpec:
-    if value is None:
-        return ImatrixSpec()
-    d = c.mapping(value, "imatrix", {"file": False, "compute": False, "uncovered": False, "pin_type": False})
+    d = c.section(value, "imatrix", {"file": False, "compute": False, "uncovered": False, "pin_type": False})
     if d is None:
         return ImatrixSpec()
     uncovered = c.choice(d.get("uncovered", "error"), "imatrix.uncovered", ("error", "pin"), "policy",
@@ -187,9 +185,7 @@ def _long_documents(c: Checker, value: Any, base: Path) -> tuple[Path, ...]:
 
 
 def _smoke(c: Checker, value: Any, base: Path) -> SmokeSpec:
-    if value is None:
-        return SmokeSpec()
-    d = c.mapping(value, "smoke", {"enabled": False, "seeds": False, "draft_n_max": False, "max_tokens": False,
+    d = c.section(value, "smoke", {"enabled": False, "seeds": False, "draft_n_max": False, "max_tokens": False,
                                    "prompts": False, "raw": False, "ctx": False, "context_sweep": False,
                                    "threads": False, "gpu_layers": False, "gate": False, "variant_gates": False,
                                    "n_cpu_moe": False, "batch": False, "ubatch": False, "kv_type": False,
@@ -236,9 +232,7 @@ def _smoke(c: Checker, value: Any, base: Path) -> SmokeSpec:
 
 
 def _eval(c: Checker, value: Any, base: Path) -> EvalSpec:
-    if value is None:
-        return EvalSpec()
-    d = c.mapping(value, "eval", {"enabled": False, "text": False, "ctx": False, "chunks": False})
+    d = c.section(value, "eval", {"enabled": False, "text": False, "ctx": False, "chunks": False})
     if d is None:
         return EvalSpec()
     enabled = c.boolean(d.get("enabled", True), "eval.enabled")
@@ -249,9 +243,7 @@ def _eval(c: Checker, value: Any, base: Path) -> EvalSpec:
 
 
 def _fit(c: Checker, value: Any) -> FitSpec:
-    if value is None:
-        return FitSpec()
-    d = c.mapping(value, "fit", {"vram_gb": False, "ctx": False, "kv": False})
+    d = c.section(value, "fit", {"vram_gb": False, "ctx": False, "kv": False})
     if d is None:
         return FitSpec()
     vram = d.get("vram_gb")
@@ -274,9 +266,7 @@ def _fit(c: Checker, value: Any) -> FitSpec:
 
 
 def _card(c: Checker, value: Any) -> CardSpec:
-    if value is None:
-        return CardSpec()
-    d = c.mapping(value, "card", {"license": False, "quantized_by": False, "base_model": False, "title": False})
+    d = c.section(value, "card", {"license": False, "quantized_by": False, "base_model": False, "title": False})
     if d is None:
         return CardSpec()
     return CardSpec(license=c.string(d.get("license"), "card.license") or "other",
@@ -286,9 +276,7 @@ def _card(c: Checker, value: Any) -> CardSpec:
 
 
 def _publish(c: Checker, value: Any) -> PublishSpec:
-    if value is None:
-        return PublishSpec()
-    d = c.mapping(value, "publish", {"repo": False, "private": False})
+    d = c.section(value, "publish", {"repo": False, "private": False})
     if d is None:
         return PublishSpec()
     return PublishSpec(repo=c.string(d.get("repo"), "publish.repo", REPO_RE, "repo id (owner/name)"),
